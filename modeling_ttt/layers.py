@@ -1,0 +1,258 @@
+"""TTT layers as `nn.Module`s: projections, causal convs, RoPE, learning rates, gate and norms around the
+inner-loop ops of `modeling_ttt.ops`.
+
+Parameter names follow the official PyTorch port (test-time-training/ttt-lm-pytorch) so its checkpoints and the
+documented JAX mapping apply unchanged.
+
+A layer reads its recurrent state from a `layer_state` object (one layer of `TTTCache`) and writes the new
+state back to it; with `layer_state=None` it starts from the learned initial state and keeps nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .configuration_ttt import TTTConfig
+from .ops import InnerState, ttt_linear, ttt_mlp
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class SwiGLUMLP(nn.Module):
+    def __init__(self, config: TTTConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def causal_depthwise_conv(
+    x: torch.Tensor,
+    conv: nn.Conv1d,
+    state: torch.Tensor | None,
+    num_tokens: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise conv over `x` `[B, T, C]` continuing from `state` `[B, C, K-1]` (the last `K-1` inputs
+    seen; zeros for a fresh sequence, which equals flax's CAUSAL padding).
+
+    Returns the output `[B, T, C]` and the new state: the last `K-1` *real* inputs of each row, so that right
+    padding (`num_tokens`) never enters the state.
+    """
+    batch, seq_len, channels = x.shape
+    width = conv.kernel_size[0]
+    x = x.transpose(1, 2)
+    if state is None:
+        state = x.new_zeros(batch, channels, width - 1)
+    extended = torch.cat([state.to(x.dtype), x], dim=-1)  # [B, C, K-1+T]
+    y = F.conv1d(extended, conv.weight, conv.bias, groups=channels)
+    if num_tokens is None:
+        new_state = extended[:, :, seq_len:]
+    else:
+        index = num_tokens.view(batch, 1, 1) + torch.arange(width - 1, device=x.device).view(1, 1, -1)
+        new_state = torch.gather(extended, 2, index.expand(batch, channels, width - 1))
+    return y.transpose(1, 2), new_state
+
+
+class TTTConvBlock(nn.Module):
+    """The Mamba backbone's pre-conv: RMSNorm then a causal depthwise conv (its output joins the residual)."""
+
+    def __init__(self, config: TTTConfig):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.conv = nn.Conv1d(config.hidden_size, config.hidden_size, kernel_size=config.conv_kernel,
+                              groups=config.hidden_size, bias=True)
+
+    def forward(self, hidden_states, layer_state=None, num_tokens=None):
+        state = layer_state.conv_states.get("pre_conv") if layer_state is not None else None
+        out, new_state = causal_depthwise_conv(self.norm(hidden_states), self.conv, state, num_tokens)
+        if layer_state is not None:
+            layer_state.conv_states["pre_conv"] = new_state
+        return out
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on adjacent pairs `(2j, 2j+1)`, as the JAX code does (no q/k permutation needed).
+
+    x: `[B, H, T, d]`; cos/sin: `[B, 1, T, d/2]`."""
+    pairs = x.unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2)
+
+
+class TTTLayerBase(nn.Module):
+    """Everything of a TTT layer except the inner model (Sec. 2 of the paper)."""
+
+    inner_weight_names: tuple[str, ...] = ()
+
+    def __init__(self, config: TTTConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.mini_batch_size = config.mini_batch_size
+        self.share_qk = config.share_qk
+        self.use_gate = config.use_gate
+        width = self.hidden_size
+
+        self.q_proj = nn.Linear(width, width, bias=False)
+        if not self.share_qk:
+            self.k_proj = nn.Linear(width, width, bias=False)
+        self.v_proj = nn.Linear(width, width, bias=False)
+        self.o_proj = nn.Linear(width, width, bias=False)
+        if self.share_qk:
+            # One projection for Q and K, told apart by two causal convs (Mamba backbone).
+            self.conv_q = nn.Conv1d(width, width, kernel_size=config.conv_kernel, groups=width, bias=True)
+            self.conv_k = nn.Conv1d(width, width, kernel_size=config.conv_kernel, groups=width, bias=True)
+        if self.use_gate:
+            self.g_proj = nn.Linear(width, width, bias=False)
+
+        # Per-head learnable inner learning rate η(x) = η_base · σ(θ_lr · x + b) / d (Sec. 2.7).
+        self.learnable_ttt_lr_weight = nn.Parameter(torch.empty(self.num_heads, 1, width))
+        self.learnable_ttt_lr_bias = nn.Parameter(torch.zeros(self.num_heads, 1))
+        # Token scale 1/(i+1) of the i-th token of a mini-batch, plus a learnable offset.
+        self.learnable_token_idx = nn.Parameter(torch.zeros(self.mini_batch_size))
+        # LayerNorm inside the inner loss and on the inner model's output, per head.
+        self.ttt_norm_weight = nn.Parameter(torch.ones(self.num_heads, self.head_dim))
+        self.ttt_norm_bias = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))
+        self.post_norm = nn.LayerNorm(width, eps=1e-6)
+
+        for name, value in self.compute_buffers().items():
+            self.register_buffer(name, value, persistent=False)
+
+    def compute_buffers(self) -> dict[str, torch.Tensor]:
+        """Non-persistent buffers (recomputed, never saved): the fixed token scale 1/(i+1) and the RoPE table.
+        RoPE uses the position inside the mini-batch, so only M distinct angles exist."""
+        head_dim, mini_batch_size = self.head_dim, self.mini_batch_size
+        inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        angles = torch.arange(mini_batch_size, dtype=torch.float32).unsqueeze(1) * inv_freq  # [M, d/2]
+        return {
+            "token_idx": 1.0 / torch.arange(1, mini_batch_size + 1, dtype=torch.float32),
+            "rope_cos": angles.cos(),
+            "rope_sin": angles.sin(),
+        }
+
+    # -- pieces ------------------------------------------------------------------------------------------------
+
+    def inner_weights(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, name) for name in self.inner_weight_names)
+
+    def token_scale(self) -> torch.Tensor:
+        return torch.clamp_min(self.token_idx + self.learnable_token_idx, 0.0)
+
+    def inner_lr(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, C] -> [B, H, T]."""
+        logits = F.linear(x, self.learnable_ttt_lr_weight.view(self.num_heads, self.hidden_size),
+                          self.learnable_ttt_lr_bias.view(self.num_heads))
+        return (self.config.ttt_base_lr / self.head_dim) * torch.sigmoid(logits).transpose(1, 2)
+
+    def project_qkv(self, x, layer_state, num_tokens):
+        if not self.share_qk:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        shared = self.q_proj(x)
+        conv_states = layer_state.conv_states if layer_state is not None else {}
+        xq, state_q = causal_depthwise_conv(shared, self.conv_q, conv_states.get("conv_q"), num_tokens)
+        xk, state_k = causal_depthwise_conv(shared, self.conv_k, conv_states.get("conv_k"), num_tokens)
+        if layer_state is not None:
+            conv_states["conv_q"], conv_states["conv_k"] = state_q, state_k
+        return xq, xk, self.v_proj(x)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def run_inner_loop(self, xq, xk, xv, inner_lr, state, num_tokens):
+        raise NotImplementedError
+
+    def checkpoint_group(self) -> int:
+        """Mini-batches per recomputation group in backward (training only)."""
+        return self.config.scan_checkpoint_group_size if self.training else 0
+
+    # -- forward -----------------------------------------------------------------------------------------------
+
+    def forward(self, hidden_states: torch.Tensor, layer_state=None, num_tokens: torch.Tensor | None = None):
+        """hidden_states: `[B, T, C]`, right-padded when `num_tokens` (`[B]`) is given."""
+        batch, seq_len, _ = hidden_states.shape
+        if layer_state is not None and layer_state.inner_state is not None:
+            state = layer_state.inner_state
+        else:
+            state = InnerState.initial(self.inner_weights(), batch)
+
+        xq, xk, xv = self.project_qkv(hidden_states, layer_state, num_tokens)
+        xq, xk, xv = self.split_heads(xq), self.split_heads(xk), self.split_heads(xv)
+
+        positions = (state.seen.unsqueeze(1) + torch.arange(seq_len, device=hidden_states.device)) % self.mini_batch_size
+        cos = self.rope_cos[positions].unsqueeze(1).to(xq.dtype)  # [B, 1, T, d/2]
+        sin = self.rope_sin[positions].unsqueeze(1).to(xq.dtype)
+        xq, xk = apply_rotary(xq, cos, sin), apply_rotary(xk, cos, sin)
+
+        inner_lr = self.inner_lr(hidden_states)
+        if num_tokens is not None:
+            real = torch.arange(seq_len, device=hidden_states.device).unsqueeze(0) < num_tokens.unsqueeze(1)
+            inner_lr = inner_lr * real.unsqueeze(1).to(inner_lr.dtype)
+
+        out, new_state = self.run_inner_loop(xq, xk, xv, inner_lr, state, num_tokens)
+        if layer_state is not None:
+            layer_state.inner_state = new_state
+
+        out = self.post_norm(out.transpose(1, 2).reshape(batch, seq_len, self.hidden_size))
+        if self.use_gate:
+            out = F.gelu(self.g_proj(hidden_states), approximate="tanh") * out
+        return self.o_proj(out)
+
+
+class TTTLinear(TTTLayerBase):
+    """TTT-Linear: the inner model is `x W1 + b1` per head."""
+
+    inner_weight_names = ("W1", "b1")
+
+    def __init__(self, config: TTTConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.W1 = nn.Parameter(torch.empty(self.num_heads, self.head_dim, self.head_dim))
+        self.b1 = nn.Parameter(torch.zeros(self.num_heads, 1, self.head_dim))
+
+    def run_inner_loop(self, xq, xk, xv, inner_lr, state, num_tokens):
+        return ttt_linear(xq, xk, xv, inner_lr, self.token_scale(), self.ttt_norm_weight, self.ttt_norm_bias, state,
+                          num_tokens, self.checkpoint_group())
+
+
+class TTTMLP(TTTLayerBase):
+    """TTT-MLP: the inner model is `gelu(x W1 + b1) W2 + b2` per head, hidden width `4 d`."""
+
+    inner_weight_names = ("W1", "b1", "W2", "b2")
+
+    def __init__(self, config: TTTConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        hidden = 4 * self.head_dim
+        self.W1 = nn.Parameter(torch.empty(self.num_heads, self.head_dim, hidden))
+        self.b1 = nn.Parameter(torch.zeros(self.num_heads, 1, hidden))
+        self.W2 = nn.Parameter(torch.empty(self.num_heads, hidden, self.head_dim))
+        self.b2 = nn.Parameter(torch.zeros(self.num_heads, 1, self.head_dim))
+
+    def run_inner_loop(self, xq, xk, xv, inner_lr, state, num_tokens):
+        return ttt_mlp(xq, xk, xv, inner_lr, self.token_scale(), self.ttt_norm_weight, self.ttt_norm_bias, state,
+                       num_tokens, self.checkpoint_group())
+
+
+TTT_LAYER_CLASSES = {"linear": TTTLinear, "mlp": TTTMLP}
+

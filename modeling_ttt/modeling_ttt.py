@@ -1,0 +1,322 @@
+"""Hugging Face model classes for TTT language models: glue around `layers.py`, no inner-loop math here."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import can_return_tuple, logging
+
+from .cache import TTTCache
+from .configuration_ttt import TTTConfig
+from .layers import TTT_LAYER_CLASSES, RMSNorm, SwiGLUMLP, TTTConvBlock, TTTLayerBase
+
+logger = logging.get_logger(__name__)
+
+
+class TTTBlock(GradientCheckpointingLayer):
+    """[pre-conv] → seq_norm → TTT layer → residual → ffn_norm → SwiGLU → residual."""
+
+    def __init__(self, config: TTTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.pre_conv = config.pre_conv
+        if self.pre_conv:
+            self.conv = TTTConvBlock(config)
+        self.seq_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.seq_modeling_block = TTT_LAYER_CLASSES[config.ttt_layer_type](config, layer_idx)
+        self.ffn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = SwiGLUMLP(config)
+
+    def forward(self, hidden_states: torch.Tensor, num_tokens: torch.Tensor | None = None, past_key_values=None):
+        """`past_key_values` here is this block's `TTTCacheLayer` (read, then overwritten with the new state)."""
+        if self.pre_conv:
+            hidden_states = hidden_states + self.conv(hidden_states, past_key_values, num_tokens)
+        residual = hidden_states
+        hidden_states = self.seq_modeling_block(self.seq_norm(hidden_states), past_key_values, num_tokens)
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.ffn_norm(hidden_states))
+
+
+class TTTPreTrainedModel(PreTrainedModel):
+    config_class = TTTConfig
+    config: TTTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["TTTBlock"]
+    _is_stateful = True  # generate() then refuses assisted / prompt-lookup decoding
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # A DynamicCache would be reordered by beam search instead of our state: we build TTTCache ourselves.
+        return False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Initialisation of the official JAX code: normal(initializer_range) for projections, embeddings, inner
+        weights and lr gates; zeros for biases and the learnable token scale; flax's lecun-normal for convs."""
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, nn.Conv1d):
+            init.lecun_normal_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, TTTLayerBase):
+            for name in module.inner_weight_names:
+                param = getattr(module, name)
+                if name.startswith("W"):
+                    init.normal_(param, mean=0.0, std=std)
+                else:
+                    init.zeros_(param)
+            init.normal_(module.learnable_ttt_lr_weight, mean=0.0, std=std)
+            init.zeros_(module.learnable_ttt_lr_bias)
+            init.zeros_(module.learnable_token_idx)
+            init.ones_(module.ttt_norm_weight)
+            init.zeros_(module.ttt_norm_bias)
+            for name, value in module.compute_buffers().items():
+                init.copy_(getattr(module, name), value)
+
+
+class TTTModel(TTTPreTrainedModel):
+    def __init__(self, config: TTTConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([TTTBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: TTTCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        r"""
+        attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+            1 for real tokens, 0 for padding (left, right, or anywhere). Padding never changes the state: each row
+            is processed as if its padding were absent; hidden states at padded positions are zero.
+        position_ids (`torch.LongTensor`, *optional*):
+            Accepted for compatibility and checked: a TTT layer's RoPE position is the token's index inside its
+            inner mini-batch, which follows from the cache's token counter, so these must agree with it (modulo
+            `mini_batch_size`) at real tokens, or a `ValueError` is raised.
+        past_key_values (`TTTCache`, *optional*):
+            Recurrent state to continue from; updated in place and returned when `use_cache`.
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch, seq_len = inputs_embeds.shape[:2]
+
+        if past_key_values is not None and not isinstance(past_key_values, TTTCache):
+            raise ValueError(
+                f"past_key_values must be a TTTCache (the recurrent state of a TTT model), got "
+                f"{type(past_key_values).__name__}."
+            )
+        if self.is_activation_checkpointing and self.training and use_cache:
+            logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; using use_cache=False.")
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = TTTCache(self.config)
+        if past_key_values is not None:
+            past_key_values.check_compatible(self.config, batch)
+            seen = past_key_values.seen_tokens()
+        else:
+            seen = None
+
+        # Padding: move each row's real tokens to the front (right padding), run, and move them back.
+        order, num_tokens = _compaction(attention_mask, batch, seq_len, inputs_embeds.device)
+        if position_ids is not None:
+            _check_position_ids(position_ids, attention_mask, seen, batch, seq_len, self.config.mini_batch_size)
+        hidden_states = inputs_embeds if order is None else _gather_rows(inputs_embeds, order)
+
+        all_hidden_states = () if output_hidden_states else None
+        for i, block in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden_states += (_scatter_rows(hidden_states, order, num_tokens),)
+            layer_cache = past_key_values.layers[i] if past_key_values is not None else None
+            hidden_states = block(hidden_states, num_tokens=num_tokens, past_key_values=layer_cache)
+
+        hidden_states = _scatter_rows(self.norm(hidden_states), order, num_tokens)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        if past_key_values is not None:
+            past_key_values.num_rows = batch
+
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden_states,
+        )
+
+
+class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: TTTConfig):
+        super().__init__(config)
+        self.model = TTTModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length):
+        """generate(): build an empty TTTCache (filled for the expanded batch at the first forward) unless the
+        caller passed one to continue from."""
+        user_cache = model_kwargs.get("past_key_values")
+        if user_cache is not None:
+            if not isinstance(user_cache, TTTCache):
+                raise ValueError(
+                    f"past_key_values must be a TTTCache, got {type(user_cache).__name__}."
+                )
+            user_cache._is_user_defined = True
+            return
+        if generation_config.use_cache is False:
+            return
+        model_kwargs["past_key_values"] = TTTCache(self.config)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: TTTCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Next-token labels (shifted inside the loss); -100 is ignored.
+        logits_to_keep (`int` or `torch.Tensor`, *optional*):
+            Compute logits for the last `logits_to_keep` positions only (0: all), or for the given indices.
+        """
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Padding helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _compaction(attention_mask, batch, seq_len, device):
+    """From a `[B, T]` 0/1 mask, the per-row order that puts real tokens first, and the real-token counts.
+    Returns `(None, None)` when there is no padding."""
+    if attention_mask is None:
+        return None, None
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, seq_len):
+        raise ValueError(
+            f"attention_mask must be a 2D 0/1 mask of shape (batch, seq_len) = {(batch, seq_len)}, got "
+            f"{tuple(attention_mask.shape)}."
+        )
+    mask = attention_mask.to(device=device)
+    if mask.dtype != torch.bool:
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token).")
+        mask = mask.bool()
+    if bool(mask.all()):
+        return None, None
+    # Stable sort on "is padding" keeps real tokens in order at the front.
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+    return order, mask.sum(dim=1)
+
+
+def _gather_rows(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    return torch.gather(x, 1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _scatter_rows(x: torch.Tensor, order: torch.Tensor | None, num_tokens: torch.Tensor | None) -> torch.Tensor:
+    """Inverse of `_gather_rows`; padded positions get zeros."""
+    if order is None:
+        return x
+    real = torch.arange(x.shape[1], device=x.device).unsqueeze(0) < num_tokens.unsqueeze(1)
+    x = x * real.unsqueeze(-1).to(x.dtype)
+    return torch.zeros_like(x).scatter(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
+
+
+def _check_position_ids(position_ids, attention_mask, seen, batch, seq_len, mini_batch_size):
+    if position_ids.dim() == 1:
+        position_ids = position_ids.unsqueeze(0)
+    if position_ids.dim() != 2 or position_ids.shape[-1] != seq_len or position_ids.shape[0] not in (1, batch):
+        raise ValueError(
+            f"position_ids must have shape (batch, seq_len) = {(batch, seq_len)}, got {tuple(position_ids.shape)}."
+        )
+    device = position_ids.device
+    start = seen.to(device) if seen is not None else torch.zeros(batch, dtype=torch.long, device=device)
+    if attention_mask is None:
+        expected = start.unsqueeze(1) + torch.arange(seq_len, device=device)
+        real = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+    else:
+        real = attention_mask.to(device).bool()
+        expected = start.unsqueeze(1) + real.long().cumsum(1) - 1
+    mismatch = ((position_ids - expected) % mini_batch_size != 0) & real
+    if bool(mismatch.any()):
+        row, col = (int(v) for v in mismatch.nonzero()[0])
+        raise ValueError(
+            f"position_ids disagree with the tokens this model has seen: row {row}, position {col} has position id "
+            f"{int(position_ids.expand(batch, -1)[row, col])} but is token {int(expected[row, col])} of its sequence "
+            f"(TTT uses position mod mini_batch_size = {mini_batch_size}). Continue with the cache that saw the "
+            "prefix, or omit position_ids."
+        )
+
+
+__all__ = ["TTTPreTrainedModel", "TTTModel", "TTTForCausalLM", "TTTBlock"]

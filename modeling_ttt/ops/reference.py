@@ -1,0 +1,428 @@
+"""The TTT inner loop in plain PyTorch: the specification every kernel must match.
+
+Notation follows Sun et al. 2024 (arXiv 2407.04620). For one head the inner model is `f(x; W)`; each token `t`
+defines the self-supervised loss (Eq. 4, with the learnable views of Sec. 2.3 and the LayerNorm of Sec. 2.7)
+
+    ℓ_t(W) = ‖ LN(f(x_k,t; W)) − (x_v,t − x_k,t) ‖²
+
+Mini-batch TTT (Sec. 2.5) takes all gradients of a mini-batch of `M` tokens at the weights `W₀` of the
+mini-batch start. Token `i` of the mini-batch (position `i`, inner learning rate `lr_i`, token scale `s_i`) sees
+
+    W_i = W₀ − s_i · (G + Σ_{j ≤ i} lr_j ∇ℓ_j(W₀))          (Eq. 6/7, with G = 0 at a mini-batch start)
+
+and outputs `x_q,i + LN(f(x_q,i; W_i))`. At the end of the mini-batch `W₀ ← W_{M−1}` and `G ← 0`.
+
+`InnerState` keeps exactly what that rule needs between calls: `W₀` (and biases), the pending gradient sum `G`
+of an unfinished mini-batch, and `seen`, the number of tokens each row has consumed. The functions here take
+a state and a chunk of any length and return the outputs and the new state, so a sequence can be fed whole, in
+pieces, or a token at a time with identical results. Inside a call, whole mini-batches use the dual form
+(Sec. 2.6): the per-token weights are never materialised; the correction is a masked `M×M` product instead.
+
+Rows of a batch may sit at different positions inside their mini-batch (different `seen`), and may hold fewer
+real tokens than the chunk (right padding, `num_tokens`). Both are handled by laying every row out in an
+"aligned frame" whose mini-batches start at multiples of `M`: row `b` is shifted right by `seen_b mod M`;
+the unused slots carry zero inputs and zero learning rate, so they change nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+LAYER_NORM_EPS = 1e-6
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+@dataclass
+class InnerState:
+    """State of one TTT layer's inner models, for every row and head.
+
+    weights: `(W1, b1)` for TTT-Linear or `(W1, b1, W2, b2)` for TTT-MLP; `W` is `[B, H, in, out]`,
+        `b` is `[B, H, 1, out]`. These are the weights at the start of each row's current mini-batch.
+    grads: the learning-rate-weighted gradient sums `G` of the unfinished mini-batch, same shapes
+        (zero at a mini-batch boundary).
+    seen: `[B]` int64, tokens consumed per row; the next token sits at position `seen mod M` of its mini-batch.
+    """
+
+    weights: tuple[torch.Tensor, ...]
+    grads: tuple[torch.Tensor, ...]
+    seen: torch.Tensor
+
+    @classmethod
+    def initial(cls, weights: tuple[torch.Tensor, ...], batch_size: int) -> "InnerState":
+        """Fresh state from the layer's learned initial weights `[H, in, out]` (kept differentiable)."""
+        expanded = tuple(w.unsqueeze(0).expand(batch_size, *w.shape) for w in weights)
+        grads = tuple(torch.zeros_like(w) for w in expanded)
+        seen = torch.zeros(batch_size, dtype=torch.long, device=weights[0].device)
+        return cls(expanded, grads, seen)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Elementwise pieces
+# --------------------------------------------------------------------------------------------------------------
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = LAYER_NORM_EPS) -> torch.Tensor:
+    mean = x.mean(dim=-1, keepdim=True)
+    var = x.var(dim=-1, keepdim=True, unbiased=False)
+    return (x - mean) * torch.rsqrt(var + eps) * weight + bias
+
+
+def layer_norm_l2_grad(
+    z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = LAYER_NORM_EPS
+) -> torch.Tensor:
+    """∂ℓ/∂z for ℓ = ½·‖LN(z) − target‖² summed over the last axis, i.e. the LayerNorm backward fused with the
+    l2 loss (the official code drops the factor 2 of ‖·‖²; so do we)."""
+    dim = z.shape[-1]
+    mean = z.mean(dim=-1, keepdim=True)
+    var = z.var(dim=-1, keepdim=True, unbiased=False)
+    inv_std = torch.rsqrt(var + eps)
+    z_hat = (z - mean) * inv_std
+    grad_z_hat = (weight * z_hat + bias - target) * weight
+    return (
+        dim * grad_z_hat
+        - grad_z_hat.sum(dim=-1, keepdim=True)
+        - z_hat * (grad_z_hat * z_hat).sum(dim=-1, keepdim=True)
+    ) * (inv_std / dim)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def gelu_tanh_grad(x: torch.Tensor) -> torch.Tensor:
+    """Derivative of the tanh-approximated GELU."""
+    inner = _SQRT_2_OVER_PI * (x + 0.044715 * x.pow(3))
+    tanh_inner = torch.tanh(inner)
+    return 0.5 * (1.0 + tanh_inner) + 0.5 * x * (1.0 - tanh_inner.pow(2)) * _SQRT_2_OVER_PI * (
+        1.0 + 3 * 0.044715 * x.pow(2)
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Aligned frame: per-row shifts so that mini-batches start at multiples of M
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Frame:
+    """How a chunk `[B, H, T, ·]` maps into the aligned frame `[B, H, K·M, ·]`."""
+
+    identity: bool  # the chunk already is the frame (no shift, no padding inside the first K·M slots)
+    length: int  # K·M
+    gather_index: torch.Tensor | None  # [B, K·M] chunk index of each frame slot
+    valid: torch.Tensor | None  # [B, K·M] slot holds a real token
+    shift: torch.Tensor  # [B] seen mod M
+    end: torch.Tensor  # [B] shift + num_tokens: frame slots used by each row
+
+
+def _make_frame(seen: torch.Tensor, num_tokens: torch.Tensor | None, seq_len: int, mini_batch_size: int) -> _Frame:
+    shift = seen % mini_batch_size
+    count = num_tokens if num_tokens is not None else torch.full_like(seen, seq_len)
+    end = shift + count
+    max_end = int(end.max()) if end.numel() else 0
+    length = max(1, math.ceil(max_end / mini_batch_size)) * mini_batch_size
+    # The common case (fresh or boundary-aligned state, no padding) needs no gather at all.
+    if not bool(shift.any()) and num_tokens is None:
+        return _Frame(True, length, None, None, shift, end)
+    slots = torch.arange(length, device=seen.device)
+    index = slots.unsqueeze(0) - shift.unsqueeze(1)
+    valid = (index >= 0) & (index < count.unsqueeze(1))
+    return _Frame(False, length, index.clamp(0, max(seq_len - 1, 0)), valid, shift, end)
+
+
+def _to_frame(x: torch.Tensor, frame: _Frame) -> torch.Tensor:
+    """[B, H, T, *] -> [B, H, K·M, *] with zeros in unused slots."""
+    seq_len = x.shape[2]
+    if frame.identity:
+        if seq_len == frame.length:
+            return x
+        pad = [0, 0] * (x.dim() - 3) + [0, frame.length - seq_len]
+        return F.pad(x, pad)
+    index = frame.gather_index.view(x.shape[0], 1, frame.length, *([1] * (x.dim() - 3)))
+    out = torch.gather(x, 2, index.expand(-1, x.shape[1], -1, *x.shape[3:]))
+    mask = frame.valid.view(x.shape[0], 1, frame.length, *([1] * (x.dim() - 3)))
+    return out * mask.to(out.dtype)
+
+
+def _from_frame(y: torch.Tensor, frame: _Frame, seq_len: int) -> torch.Tensor:
+    """[B, H, K·M, d] -> [B, H, T, d]; positions past a row's `num_tokens` come out as zeros."""
+    if frame.identity:
+        return y[:, :, :seq_len]
+    positions = torch.arange(seq_len, device=y.device)
+    index = (positions.unsqueeze(0) + frame.shift.unsqueeze(1)).clamp(max=frame.length - 1)
+    out = torch.gather(y, 2, index.view(y.shape[0], 1, seq_len, 1).expand(-1, y.shape[1], -1, y.shape[3]))
+    real = (positions.unsqueeze(0) + frame.shift.unsqueeze(1)) < frame.end.unsqueeze(1)
+    return out * real.view(y.shape[0], 1, seq_len, 1).to(out.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The chunk function
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _ttt_chunk(
+    layer_type: str,
+    xq: torch.Tensor,
+    xk: torch.Tensor,
+    xv: torch.Tensor,
+    inner_lr: torch.Tensor,
+    token_scale: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    state: InnerState,
+    num_tokens: torch.Tensor | None,
+    checkpoint_group: int,
+) -> tuple[torch.Tensor, InnerState]:
+    batch, heads, seq_len, head_dim = xq.shape
+    mini_batch_size = token_scale.shape[0]
+    frame = _make_frame(state.seen, num_tokens, seq_len, mini_batch_size)
+    num_mini_batches = frame.length // mini_batch_size
+
+    def split(x: torch.Tensor) -> torch.Tensor:  # [B, H, K·M, *] -> [K, B, H, M, *]
+        x = _to_frame(x, frame)
+        return x.reshape(batch, heads, num_mini_batches, mini_batch_size, *x.shape[3:]).movedim(2, 0)
+
+    xq_mb, xk_mb, xv_mb = split(xq), split(xk), split(xv)
+    lr_mb = split(inner_lr)  # [K, B, H, M]; zero at unused slots
+    ln_weight = ln_weight.view(heads, 1, head_dim)
+    ln_bias = ln_bias.view(heads, 1, head_dim)
+
+    # Everything that does not depend on the inner weights is computed for all mini-batches at once.
+    target_mb = xv_mb - xk_mb  # reconstruction target (Sec. 2.3)
+    causal = torch.ones(mini_batch_size, mini_batch_size, dtype=torch.bool, device=xq.device).tril()
+    # eta[i, j] = s_i · lr_j for j ≤ i: the weight of token j's gradient in token i's weights (Eq. 7)
+    eta_mb = (token_scale.view(-1, 1) * lr_mb.unsqueeze(-2)).masked_fill(~causal, 0.0)  # [K, B, H, M, M]
+    lr_xk_mb = lr_mb.unsqueeze(-1) * xk_mb  # lr_j · x_k,j, for the gradient sums
+    if layer_type == "linear":
+        # Dual form of TTT-Linear (Sec. 2.6): x_q,i (W₀ − Σ_j η_ij x_kjᵀ g_j) + b₀ − Σ_j η_ij g_j
+        #   = x_q,i W₀ + b₀ − Σ_j η_ij (x_q,i·x_k,j + 1) g_j
+        dual_mb = eta_mb * (xq_mb @ xk_mb.transpose(-1, -2) + 1.0)
+        qk_mb = torch.cat([xk_mb, xq_mb], dim=-2)  # one product with W₀ gives both x_k W₀ and x_q W₀
+        per_step = (qk_mb, target_mb, dual_mb, lr_mb, lr_xk_mb)
+    else:
+        per_step = (xq_mb, xk_mb, target_mb, eta_mb, lr_mb, lr_xk_mb)
+
+    # Per mini-batch: does each row finish it (then W₀ takes the step and G resets)?
+    completes = (torch.arange(1, num_mini_batches + 1, device=xq.device).unsqueeze(1) * mini_batch_size
+                 <= frame.end.unsqueeze(0))  # [K, B]
+    all_complete = completes.all(dim=1).tolist()
+    none_complete = (~completes.any(dim=1)).tolist()
+    # A pending gradient sum exists only for rows that start mid-mini-batch, and only the first step reads it.
+    has_pending = not frame.identity and bool(frame.shift.any())
+    last_scale = token_scale[-1]
+    step = _linear_step if layer_type == "linear" else _mlp_step
+
+    def run_steps(first: int, stop: int, *carry_and_inputs: torch.Tensor):
+        num_weights = len(state.weights)
+        weights = carry_and_inputs[:num_weights]
+        grads = carry_and_inputs[num_weights : 2 * num_weights]
+        inputs = carry_and_inputs[2 * num_weights :]
+        outputs = []
+        for k in range(first, stop):
+            step_inputs = tuple(x[k - first] for x in inputs)
+            pending = grads if (k == 0 and has_pending) else None
+            z_bar, new_grads = step(weights, grads, pending, step_inputs, token_scale, ln_weight, ln_bias)
+            outputs.append(z_bar)
+            if all_complete[k]:
+                weights = tuple(w - last_scale * g for w, g in zip(weights, new_grads))
+                grads = tuple(torch.zeros_like(g) for g in new_grads)
+            elif none_complete[k]:
+                grads = new_grads
+            else:
+                done = completes[k].view(batch, 1, 1, 1)
+                weights = tuple(torch.where(done, w - last_scale * g, w) for w, g in zip(weights, new_grads))
+                grads = tuple(torch.where(done, torch.zeros_like(g), g) for g in new_grads)
+        return (*weights, *grads, torch.stack(outputs))
+
+    carry = (*state.weights, *state.grads)
+    group = checkpoint_group if (checkpoint_group > 0 and torch.is_grad_enabled()) else num_mini_batches
+    z_bars = []
+    for first in range(0, num_mini_batches, group):
+        stop = min(first + group, num_mini_batches)
+        inputs = tuple(x[first:stop] for x in per_step)
+        if group < num_mini_batches:
+            result = checkpoint(run_steps, first, stop, *carry, *inputs, use_reentrant=False)
+        else:
+            result = run_steps(first, stop, *carry, *inputs)
+        carry, z_bar = result[:-1], result[-1]
+        z_bars.append(z_bar)
+    z_bar = torch.cat(z_bars) if len(z_bars) > 1 else z_bars[0]  # [K, B, H, M, d]
+
+    # Output rule (Sec. 2.7): residual x_q + LN(f(x_q; W_i)), LayerNorm batched over the whole chunk.
+    out = xq_mb + layer_norm(z_bar, ln_weight, ln_bias)
+    out = out.movedim(0, 2).reshape(batch, heads, frame.length, head_dim)
+    out = _from_frame(out, frame, seq_len)
+
+    num_weights = len(state.weights)
+    count = num_tokens if num_tokens is not None else torch.full_like(state.seen, seq_len)
+    new_state = InnerState(tuple(carry[:num_weights]), tuple(carry[num_weights:]), state.seen + count)
+    return out, new_state
+
+
+def _linear_step(weights, grads, pending, inputs, token_scale, ln_weight, ln_bias):
+    """One mini-batch of TTT-Linear, `f(x) = x W + b`."""
+    w1, b1 = weights
+    qk, target, dual, lr, lr_xk = inputs
+    mini_batch_size = target.shape[-2]
+    z_both = qk @ w1 + b1
+    z, z_q = z_both[..., :mini_batch_size, :], z_both[..., mini_batch_size:, :]
+    grad_z = layer_norm_l2_grad(z, target, ln_weight, ln_bias)  # ∇_z ℓ_j at W₀, [B, H, M, d]
+    z_bar = z_q - dual @ grad_z
+    if pending is not None:  # tokens continuing a mini-batch also see the gradients already summed in G
+        g_w1, g_b1 = pending
+        xq = qk[..., mini_batch_size:, :]
+        z_bar = z_bar - token_scale.view(-1, 1) * (xq @ g_w1 + g_b1)
+    new_grads = (grads[0] + lr_xk.transpose(-1, -2) @ grad_z, grads[1] + lr.unsqueeze(-2) @ grad_z)
+    return z_bar, new_grads
+
+
+def _mlp_step(weights, grads, pending, inputs, token_scale, ln_weight, ln_bias):
+    """One mini-batch of TTT-MLP, `f(x) = gelu(x W1 + b1) W2 + b2`."""
+    w1, b1, w2, b2 = weights
+    xq, xk, target, eta, lr, lr_xk = inputs
+    scale = token_scale.view(-1, 1)
+    z1 = xk @ w1 + b1
+    x2 = gelu_tanh(z1)
+    z2 = x2 @ w2 + b2
+    grad_z2 = layer_norm_l2_grad(z2, target, ln_weight, ln_bias)
+    grad_z1 = (grad_z2 @ w2.transpose(-1, -2)) * gelu_tanh_grad(z1)
+
+    z1_bar = xq @ w1 + b1 - (eta * (xq @ xk.transpose(-1, -2) + 1.0)) @ grad_z1
+    if pending is not None:
+        z1_bar = z1_bar - scale * (xq @ pending[0] + pending[1])
+    x2_bar = gelu_tanh(z1_bar)
+    z2_bar = x2_bar @ w2 + b2 - (eta * (x2_bar @ x2.transpose(-1, -2) + 1.0)) @ grad_z2
+    if pending is not None:
+        z2_bar = z2_bar - scale * (x2_bar @ pending[2] + pending[3])
+
+    lr_row = lr.unsqueeze(-2)
+    new_grads = (
+        grads[0] + lr_xk.transpose(-1, -2) @ grad_z1,
+        grads[1] + lr_row @ grad_z1,
+        grads[2] + (lr.unsqueeze(-1) * x2).transpose(-1, -2) @ grad_z2,
+        grads[3] + lr_row @ grad_z2,
+    )
+    return z2_bar, new_grads
+
+
+def _check_inputs(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens, num_weights):
+    batch, heads, seq_len, head_dim = xq.shape
+    if xk.shape != xq.shape or xv.shape != xq.shape:
+        raise ValueError(f"xq, xk, xv must share a shape [B, H, T, d]; got {xq.shape}, {xk.shape}, {xv.shape}.")
+    if inner_lr.shape != (batch, heads, seq_len):
+        raise ValueError(f"inner_lr must be [B, H, T] = {(batch, heads, seq_len)}, got {tuple(inner_lr.shape)}.")
+    if token_scale.dim() != 1:
+        raise ValueError(f"token_scale must be [mini_batch_size], got {tuple(token_scale.shape)}.")
+    if ln_weight.shape != (heads, head_dim) or ln_bias.shape != (heads, head_dim):
+        raise ValueError(f"ln_weight/ln_bias must be [H, d] = {(heads, head_dim)}.")
+    if len(state.weights) != num_weights or len(state.grads) != num_weights:
+        raise ValueError(f"the inner state must hold {num_weights} weights and {num_weights} gradient sums.")
+    if state.seen.shape != (batch,):
+        raise ValueError(f"state.seen must be [B] = [{batch}], got {tuple(state.seen.shape)}.")
+    for w in (*state.weights, *state.grads):
+        if w.shape[:2] != (batch, heads):
+            raise ValueError(f"inner state tensors must start with [B, H] = {(batch, heads)}, got {tuple(w.shape)}.")
+    if num_tokens is not None and num_tokens.shape != (batch,):
+        raise ValueError(f"num_tokens must be [B] = [{batch}], got {tuple(num_tokens.shape)}.")
+
+
+def ttt_linear(
+    xq: torch.Tensor,
+    xk: torch.Tensor,
+    xv: torch.Tensor,
+    inner_lr: torch.Tensor,
+    token_scale: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    state: InnerState,
+    num_tokens: torch.Tensor | None = None,
+    checkpoint_group: int = 0,
+) -> tuple[torch.Tensor, InnerState]:
+    """TTT-Linear over a chunk, from `state` on.
+
+    Args:
+        xq, xk, xv: `[B, H, T, d]` test, training and label views (after RoPE for xq/xk).
+        inner_lr: `[B, H, T]` per-token inner learning rate `η_base·σ(θ_lr·x)/d`; must be 0 at padding.
+        token_scale: `[M]` per-position scale `max(1/(i+1) + learnable_i, 0)`.
+        ln_weight, ln_bias: `[H, d]` LayerNorm of the inner loss and output.
+        state: the inner state before the chunk.
+        num_tokens: `[B]` real tokens per row (right padding); `None` means all `T`.
+        checkpoint_group: recompute this many mini-batches at a time in backward (0: store all).
+
+    Returns:
+        `[B, H, T, d]` outputs `x_q + LN(f(x_q))` (zeros at padding) and the state after the chunk.
+    """
+    _check_inputs(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens, 2)
+    return _ttt_chunk("linear", xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens,
+                      checkpoint_group)
+
+
+def ttt_mlp(
+    xq: torch.Tensor,
+    xk: torch.Tensor,
+    xv: torch.Tensor,
+    inner_lr: torch.Tensor,
+    token_scale: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    state: InnerState,
+    num_tokens: torch.Tensor | None = None,
+    checkpoint_group: int = 0,
+) -> tuple[torch.Tensor, InnerState]:
+    """TTT-MLP over a chunk, from `state` on; arguments as in [`ttt_linear`], with a 4-tensor state."""
+    _check_inputs(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens, 4)
+    return _ttt_chunk("mlp", xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens,
+                      checkpoint_group)
+
+
+def ttt_sequential(
+    layer_type: str,
+    xq: torch.Tensor,
+    xk: torch.Tensor,
+    xv: torch.Tensor,
+    inner_lr: torch.Tensor,
+    token_scale: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    state: InnerState,
+) -> tuple[torch.Tensor, InnerState]:
+    """Primal form, one token at a time, literally as Eq. 6/7 reads (slow; a second spec for the tests).
+
+    Materialises `W_i` for every token and takes gradients with autograd, so it shares no code with the dual
+    form above beyond the LayerNorm forward."""
+    batch, heads, seq_len, head_dim = xq.shape
+    mini_batch_size = token_scale.shape[0]
+    ln_w, ln_b = ln_weight.view(1, heads, 1, head_dim), ln_bias.view(1, heads, 1, head_dim)
+    weights = [w.clone() for w in state.weights]
+    grads = [g.clone() for g in state.grads]
+    seen = state.seen.clone()
+
+    def inner_model(x, params):
+        if layer_type == "linear":
+            return x @ params[0] + params[1]
+        return gelu_tanh(x @ params[0] + params[1]) @ params[2] + params[3]
+
+    outputs = []
+    for t in range(seq_len):
+        position = seen % mini_batch_size  # [B]
+        scale = token_scale[position].view(batch, 1, 1, 1)
+        with torch.enable_grad():
+            params = [w.detach().requires_grad_(True) for w in weights]
+            z = inner_model(xk[:, :, t : t + 1], params)
+            loss = 0.5 * (layer_norm(z, ln_w, ln_b) - (xv[:, :, t : t + 1] - xk[:, :, t : t + 1])).pow(2).sum()
+            token_grads = torch.autograd.grad(loss, params)
+        lr = inner_lr[:, :, t].view(batch, heads, 1, 1)
+        grads = [g + lr * tg for g, tg in zip(grads, token_grads)]
+        current = [w - scale * g for w, g in zip(weights, grads)]
+        outputs.append(xq[:, :, t : t + 1] + layer_norm(inner_model(xq[:, :, t : t + 1], current), ln_w, ln_b))
+        seen = seen + 1
+        done = (seen % mini_batch_size == 0).view(batch, 1, 1, 1)
+        weights = [torch.where(done, c, w) for c, w in zip(current, weights)]
+        grads = [torch.where(done, torch.zeros_like(g), g) for g in grads]
+    out = torch.cat(outputs, dim=2) if outputs else xq[:, :, :0]
+    return out, InnerState(tuple(weights), tuple(grads), seen)
