@@ -59,17 +59,20 @@ def causal_depthwise_conv(
     """
     batch, seq_len, channels = x.shape
     width = conv.kernel_size[0]
-    x = x.transpose(1, 2)
     if state is None:
         state = x.new_zeros(batch, channels, width - 1)
-    extended = torch.cat([state.to(x.dtype), x], dim=-1)  # [B, C, K-1+T]
-    y = F.conv1d(extended, conv.weight, conv.bias, groups=channels)
+    # Work in [B, T, C] (no transposes): y_t = bias + Σ_k w_k · x_{t-K+1+k}, K shifted multiply-adds.
+    extended = torch.cat([state.transpose(1, 2).to(x.dtype), x], dim=1)  # [B, K-1+T, C]
+    kernel = conv.weight.view(channels, width)
+    y = torch.addcmul(conv.bias, extended[:, :seq_len], kernel[:, 0])
+    for k in range(1, width):
+        y = torch.addcmul(y, extended[:, k : k + seq_len], kernel[:, k])
     if num_tokens is None:
-        new_state = extended[:, :, seq_len:]
+        new_state = extended[:, seq_len:]
     else:
-        index = num_tokens.view(batch, 1, 1) + torch.arange(width - 1, device=x.device).view(1, 1, -1)
-        new_state = torch.gather(extended, 2, index.expand(batch, channels, width - 1))
-    return y.transpose(1, 2), new_state
+        index = num_tokens.view(batch, 1, 1) + torch.arange(width - 1, device=x.device).view(1, -1, 1)
+        new_state = torch.gather(extended, 1, index.expand(batch, width - 1, channels))
+    return y, new_state.transpose(1, 2)
 
 
 class TTTConvBlock(nn.Module):

@@ -67,9 +67,8 @@ class InnerState:
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = LAYER_NORM_EPS) -> torch.Tensor:
-    mean = x.mean(dim=-1, keepdim=True)
-    var = x.var(dim=-1, keepdim=True, unbiased=False)
-    return (x - mean) * torch.rsqrt(var + eps) * weight + bias
+    centered = x - x.mean(dim=-1, keepdim=True)
+    return centered * torch.rsqrt(centered.square().mean(dim=-1, keepdim=True) + eps) * weight + bias
 
 
 def layer_norm_l2_grad(
@@ -179,135 +178,159 @@ def _ttt_chunk(
     checkpoint_group: int,
 ) -> tuple[torch.Tensor, InnerState]:
     batch, heads, seq_len, head_dim = xq.shape
+    rows = batch * heads  # the loop works on [B·H, ...] so every product is one batched matmul
     mini_batch_size = token_scale.shape[0]
     frame = _make_frame(state.seen, num_tokens, seq_len, mini_batch_size)
     num_mini_batches = frame.length // mini_batch_size
 
-    def split(x: torch.Tensor) -> torch.Tensor:  # [B, H, K·M, *] -> [K, B, H, M, *]
+    def to_steps(x: torch.Tensor) -> torch.Tensor:
+        """[B, H, T, *] -> contiguous [K, B·H, M, *]: one copy, then every step reads a contiguous slice."""
         x = _to_frame(x, frame)
-        return x.reshape(batch, heads, num_mini_batches, mini_batch_size, *x.shape[3:]).movedim(2, 0)
+        x = x.reshape(batch, heads, num_mini_batches, mini_batch_size, *x.shape[3:]).movedim(2, 0)
+        return x.reshape(num_mini_batches, rows, mini_batch_size, *x.shape[4:])
 
-    xq_mb, xk_mb, xv_mb = split(xq), split(xk), split(xv)
-    lr_mb = split(inner_lr)  # [K, B, H, M]; zero at unused slots
-    ln_weight = ln_weight.view(heads, 1, head_dim)
-    ln_bias = ln_bias.view(heads, 1, head_dim)
+    xq_s, xk_s, xv_s = to_steps(xq), to_steps(xk), to_steps(xv)
+    lr_s = to_steps(inner_lr)  # [K, BH, M]; zero at unused slots
+    ln_w = ln_weight.repeat(batch, 1).view(rows, 1, head_dim)
+    ln_b = ln_bias.repeat(batch, 1).view(rows, 1, head_dim)
 
     # Everything that does not depend on the inner weights is computed for all mini-batches at once.
-    target_mb = xv_mb - xk_mb  # reconstruction target (Sec. 2.3)
+    # LN(z)·w + b − target, times w, is w²·ẑ + w·(b − target): the second term is fixed per token.
+    ln_w_sq = ln_w * ln_w
+    ln_target = ln_w * (ln_b - (xv_s - xk_s))  # target = x_v − x_k (Sec. 2.3)
     causal = torch.ones(mini_batch_size, mini_batch_size, dtype=torch.bool, device=xq.device).tril()
     # eta[i, j] = s_i · lr_j for j ≤ i: the weight of token j's gradient in token i's weights (Eq. 7)
-    eta_mb = (token_scale.view(-1, 1) * lr_mb.unsqueeze(-2)).masked_fill(~causal, 0.0)  # [K, B, H, M, M]
-    lr_xk_mb = lr_mb.unsqueeze(-1) * xk_mb  # lr_j · x_k,j, for the gradient sums
+    eta_s = (token_scale.view(-1, 1) * lr_s.unsqueeze(-2)).masked_fill(~causal, 0.0)  # [K, BH, M, M]
+    lr_xk_t = (lr_s.unsqueeze(-1) * xk_s).transpose(-1, -2)  # (lr_j · x_k,j)ᵀ for the gradient sums
+    lr_row = lr_s.unsqueeze(-2)  # [K, BH, 1, M]
     if layer_type == "linear":
-        # Dual form of TTT-Linear (Sec. 2.6): x_q,i (W₀ − Σ_j η_ij x_kjᵀ g_j) + b₀ − Σ_j η_ij g_j
+        # Dual form of TTT-Linear (Sec. 2.6): x_q,i (W₀ − Σ_j η_ij x_k,jᵀ g_j) + b₀ − Σ_j η_ij g_j
         #   = x_q,i W₀ + b₀ − Σ_j η_ij (x_q,i·x_k,j + 1) g_j
-        dual_mb = eta_mb * (xq_mb @ xk_mb.transpose(-1, -2) + 1.0)
-        qk_mb = torch.cat([xk_mb, xq_mb], dim=-2)  # one product with W₀ gives both x_k W₀ and x_q W₀
-        per_step = (qk_mb, target_mb, dual_mb, lr_mb, lr_xk_mb)
+        dual_s = eta_s * (xq_s @ xk_s.transpose(-1, -2) + 1.0)
+        qk_s = torch.cat([xk_s, xq_s], dim=-2)  # one product with W₀ gives both x_k W₀ and x_q W₀
+        per_step = (qk_s, ln_target, dual_s, lr_xk_t, lr_row)
     else:
-        per_step = (xq_mb, xk_mb, target_mb, eta_mb, lr_mb, lr_xk_mb)
+        per_step = (xq_s, xk_s, ln_target, eta_s, lr_xk_t, lr_row, lr_s)
 
     # Per mini-batch: does each row finish it (then W₀ takes the step and G resets)?
     completes = (torch.arange(1, num_mini_batches + 1, device=xq.device).unsqueeze(1) * mini_batch_size
                  <= frame.end.unsqueeze(0))  # [K, B]
     all_complete = completes.all(dim=1).tolist()
     none_complete = (~completes.any(dim=1)).tolist()
-    # A pending gradient sum exists only for rows that start mid-mini-batch, and only the first step reads it.
+    row_completes = completes.repeat_interleave(heads, dim=1).view(num_mini_batches, rows, 1, 1)
+    # Rows starting at a mini-batch boundary have G = 0 (the invariant of InnerState), so G is only read when
+    # some row starts mid-mini-batch, and only by the first step.
     has_pending = not frame.identity and bool(frame.shift.any())
-    last_scale = token_scale[-1]
+    neg_last_scale = -token_scale[-1]
     step = _linear_step if layer_type == "linear" else _mlp_step
+    num_weights = len(state.weights)
 
-    def run_steps(first: int, stop: int, *carry_and_inputs: torch.Tensor):
-        num_weights = len(state.weights)
+    def run_steps(first: int, stop: int, grads_are_zero: bool, *carry_and_inputs: torch.Tensor):
         weights = carry_and_inputs[:num_weights]
-        grads = carry_and_inputs[num_weights : 2 * num_weights]
+        grads = None if grads_are_zero else carry_and_inputs[num_weights : 2 * num_weights]
         inputs = carry_and_inputs[2 * num_weights :]
         outputs = []
         for k in range(first, stop):
             step_inputs = tuple(x[k - first] for x in inputs)
             pending = grads if (k == 0 and has_pending) else None
-            z_bar, new_grads = step(weights, grads, pending, step_inputs, token_scale, ln_weight, ln_bias)
+            z_bar, increments = step(weights, pending, step_inputs, token_scale, ln_w_sq)
             outputs.append(z_bar)
-            if all_complete[k]:
-                weights = tuple(w - last_scale * g for w, g in zip(weights, new_grads))
-                grads = tuple(torch.zeros_like(g) for g in new_grads)
+            summed = increments if grads is None else tuple(g + d for g, d in zip(grads, increments))
+            if all_complete[k]:  # W₀ ← W₀ − s_last · G, G ← 0
+                weights = tuple(w.addcmul(g, neg_last_scale) for w, g in zip(weights, summed))
+                grads = None
             elif none_complete[k]:
-                grads = new_grads
+                grads = summed
             else:
-                done = completes[k].view(batch, 1, 1, 1)
-                weights = tuple(torch.where(done, w - last_scale * g, w) for w, g in zip(weights, new_grads))
-                grads = tuple(torch.where(done, torch.zeros_like(g), g) for g in new_grads)
+                done = row_completes[k]
+                weights = tuple(torch.where(done, w.addcmul(g, neg_last_scale), w) for w, g in zip(weights, summed))
+                grads = tuple(torch.where(done, torch.zeros_like(g), g) for g in summed)
+        if grads is None:
+            grads = tuple(torch.zeros_like(w) for w in weights)
         return (*weights, *grads, torch.stack(outputs))
 
-    carry = (*state.weights, *state.grads)
+    weights0 = tuple(w.reshape(rows, *w.shape[2:]) for w in state.weights)
+    grads0 = tuple(g.reshape(rows, *g.shape[2:]) for g in state.grads)
+    carry = (*weights0, *grads0)
+    grads_are_zero = not has_pending
     group = checkpoint_group if (checkpoint_group > 0 and torch.is_grad_enabled()) else num_mini_batches
     z_bars = []
     for first in range(0, num_mini_batches, group):
         stop = min(first + group, num_mini_batches)
         inputs = tuple(x[first:stop] for x in per_step)
         if group < num_mini_batches:
-            result = checkpoint(run_steps, first, stop, *carry, *inputs, use_reentrant=False)
+            result = checkpoint(run_steps, first, stop, grads_are_zero, *carry, *inputs, use_reentrant=False)
         else:
-            result = run_steps(first, stop, *carry, *inputs)
+            result = run_steps(first, stop, grads_are_zero, *carry, *inputs)
         carry, z_bar = result[:-1], result[-1]
+        grads_are_zero = False
         z_bars.append(z_bar)
-    z_bar = torch.cat(z_bars) if len(z_bars) > 1 else z_bars[0]  # [K, B, H, M, d]
+    z_bar = torch.cat(z_bars) if len(z_bars) > 1 else z_bars[0]  # [K, BH, M, d]
 
     # Output rule (Sec. 2.7): residual x_q + LN(f(x_q; W_i)), LayerNorm batched over the whole chunk.
-    out = xq_mb + layer_norm(z_bar, ln_weight, ln_bias)
-    out = out.movedim(0, 2).reshape(batch, heads, frame.length, head_dim)
-    out = _from_frame(out, frame, seq_len)
+    out = xq_s + layer_norm(z_bar, ln_w, ln_b)
+    out = out.view(num_mini_batches, batch, heads, mini_batch_size, head_dim).movedim(0, 2)
+    out = _from_frame(out.reshape(batch, heads, frame.length, head_dim), frame, seq_len)
 
-    num_weights = len(state.weights)
+    new_weights = tuple(c.view(batch, heads, *c.shape[1:]) for c in carry[:num_weights])
+    new_grads = tuple(c.view(batch, heads, *c.shape[1:]) for c in carry[num_weights:])
     count = num_tokens if num_tokens is not None else torch.full_like(state.seen, seq_len)
-    new_state = InnerState(tuple(carry[:num_weights]), tuple(carry[num_weights:]), state.seen + count)
-    return out, new_state
+    return out, InnerState(new_weights, new_grads, state.seen + count)
 
 
-def _linear_step(weights, grads, pending, inputs, token_scale, ln_weight, ln_bias):
-    """One mini-batch of TTT-Linear, `f(x) = x W + b`."""
+def _l2_grad_through_ln(z: torch.Tensor, ln_target: torch.Tensor, ln_w_sq: torch.Tensor) -> torch.Tensor:
+    """`layer_norm_l2_grad` with the token-only term `w·(b − target)` precomputed (hot loop version)."""
+    dim = z.shape[-1]
+    centered = z - z.mean(dim=-1, keepdim=True)
+    inv_std = torch.rsqrt(centered.square().mean(dim=-1, keepdim=True) + LAYER_NORM_EPS)
+    z_hat = centered * inv_std
+    grad_z_hat = torch.addcmul(ln_target, ln_w_sq, z_hat)
+    projection = (grad_z_hat * z_hat).sum(dim=-1, keepdim=True)
+    out = grad_z_hat - grad_z_hat.mean(dim=-1, keepdim=True)
+    return torch.addcmul(out, z_hat, projection, value=-1.0 / dim) * inv_std
+
+
+def _linear_step(weights, pending, inputs, token_scale, ln_w_sq):
+    """One mini-batch of TTT-Linear, `f(x) = x W + b`. Returns the pre-LN outputs and the gradient sums."""
     w1, b1 = weights
-    qk, target, dual, lr, lr_xk = inputs
-    mini_batch_size = target.shape[-2]
-    z_both = qk @ w1 + b1
-    z, z_q = z_both[..., :mini_batch_size, :], z_both[..., mini_batch_size:, :]
-    grad_z = layer_norm_l2_grad(z, target, ln_weight, ln_bias)  # ∇_z ℓ_j at W₀, [B, H, M, d]
-    z_bar = z_q - dual @ grad_z
+    qk, ln_target, dual, lr_xk_t, lr_row = inputs
+    mini_batch_size = ln_target.shape[-2]
+    z_both = torch.baddbmm(b1, qk, w1)
+    z, z_q = z_both[:, :mini_batch_size], z_both[:, mini_batch_size:]
+    grad_z = _l2_grad_through_ln(z, ln_target, ln_w_sq)  # ∇_z ℓ_j at W₀, [BH, M, d]
+    z_bar = torch.baddbmm(z_q, dual, grad_z, alpha=-1.0)
     if pending is not None:  # tokens continuing a mini-batch also see the gradients already summed in G
-        g_w1, g_b1 = pending
-        xq = qk[..., mini_batch_size:, :]
-        z_bar = z_bar - token_scale.view(-1, 1) * (xq @ g_w1 + g_b1)
-    new_grads = (grads[0] + lr_xk.transpose(-1, -2) @ grad_z, grads[1] + lr.unsqueeze(-2) @ grad_z)
-    return z_bar, new_grads
+        xq = qk[:, mini_batch_size:]
+        z_bar = z_bar - token_scale.view(-1, 1) * torch.baddbmm(pending[1], xq, pending[0])
+    return z_bar, (lr_xk_t @ grad_z, lr_row @ grad_z)
 
 
-def _mlp_step(weights, grads, pending, inputs, token_scale, ln_weight, ln_bias):
+def _mlp_step(weights, pending, inputs, token_scale, ln_w_sq):
     """One mini-batch of TTT-MLP, `f(x) = gelu(x W1 + b1) W2 + b2`."""
     w1, b1, w2, b2 = weights
-    xq, xk, target, eta, lr, lr_xk = inputs
+    xq, xk, ln_target, eta, lr_xk_t, lr_row, lr = inputs
     scale = token_scale.view(-1, 1)
-    z1 = xk @ w1 + b1
+    z1 = torch.baddbmm(b1, xk, w1)
     x2 = gelu_tanh(z1)
-    z2 = x2 @ w2 + b2
-    grad_z2 = layer_norm_l2_grad(z2, target, ln_weight, ln_bias)
+    grad_z2 = _l2_grad_through_ln(torch.baddbmm(b2, x2, w2), ln_target, ln_w_sq)
     grad_z1 = (grad_z2 @ w2.transpose(-1, -2)) * gelu_tanh_grad(z1)
 
-    z1_bar = xq @ w1 + b1 - (eta * (xq @ xk.transpose(-1, -2) + 1.0)) @ grad_z1
+    z1_bar = torch.baddbmm(torch.baddbmm(b1, xq, w1), eta * (xq @ xk.transpose(-1, -2) + 1.0), grad_z1, alpha=-1.0)
     if pending is not None:
-        z1_bar = z1_bar - scale * (xq @ pending[0] + pending[1])
+        z1_bar = z1_bar - scale * torch.baddbmm(pending[1], xq, pending[0])
     x2_bar = gelu_tanh(z1_bar)
-    z2_bar = x2_bar @ w2 + b2 - (eta * (x2_bar @ x2.transpose(-1, -2) + 1.0)) @ grad_z2
+    z2_bar = torch.baddbmm(torch.baddbmm(b2, x2_bar, w2), eta * (x2_bar @ x2.transpose(-1, -2) + 1.0), grad_z2,
+                           alpha=-1.0)
     if pending is not None:
-        z2_bar = z2_bar - scale * (x2_bar @ pending[2] + pending[3])
+        z2_bar = z2_bar - scale * torch.baddbmm(pending[3], x2_bar, pending[2])
 
-    lr_row = lr.unsqueeze(-2)
-    new_grads = (
-        grads[0] + lr_xk.transpose(-1, -2) @ grad_z1,
-        grads[1] + lr_row @ grad_z1,
-        grads[2] + (lr.unsqueeze(-1) * x2).transpose(-1, -2) @ grad_z2,
-        grads[3] + lr_row @ grad_z2,
+    increments = (
+        lr_xk_t @ grad_z1,
+        lr_row @ grad_z1,
+        (lr.unsqueeze(-1) * x2).transpose(-1, -2) @ grad_z2,
+        lr_row @ grad_z2,
     )
-    return z2_bar, new_grads
+    return z2_bar, increments
 
 
 def _check_inputs(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens, num_weights):
