@@ -84,9 +84,19 @@ class TTTConfig(PreTrainedConfig):
     scan_checkpoint_group_size: int = 0
     ttt_impl: str = "torch"
 
+    def __post_init__(self, **kwargs):
+        # Our checks run first so that a wrong value is a plain `ValueError` naming the field (the `@strict`
+        # validators would wrap it in huggingface_hub's own exception type).
+        self.check_ttt_fields()
+        super().__post_init__(**kwargs)
+
     def validate_architecture(self):
-        """Called by `@strict` on construction: a wrong value fails here, naming the field."""
+        """`@strict` validator (also run on `validate()`)."""
         super().validate_architecture()
+        self.check_ttt_fields()
+
+    def check_ttt_fields(self):
+        """Raise `ValueError` naming the field and the allowed values for any wrong setting."""
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "mini_batch_size", "conv_kernel")
         for name in positive:
@@ -137,7 +147,7 @@ class TTTConfig(PreTrainedConfig):
             if not hasattr(config, key):
                 raise ValueError(f"TTTConfig has no field {key!r}.")
             setattr(config, key, value)
-        config.validate_architecture()
+        config.check_ttt_fields()
         return config
 
 

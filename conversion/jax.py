@@ -1,0 +1,379 @@
+"""Convert checkpoints of the official JAX TTT code (`test-time-training/ttt-lm-jax`) to and from `modeling_ttt`.
+
+Two console scripts live here:
+
+* `ttt-convert-jax` (`main`): a `streaming_params` or `streaming_train_state` file plus its upstream model
+  config → a Hugging Face model folder (config.json, model.safetensors, generation_config.json).
+* `ttt-convert-to-jax` (`main_to_jax`): a Hugging Face model folder → a `streaming_params` file that upstream's
+  `StreamingCheckpointer` loads (`--load_part=params`-style), optionally with a matching upstream config.json.
+
+Both check the weights against the config tensor by tensor, and write their output in one step (temporary
+sibling, then rename) so a failed run never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import torch
+from huggingface_hub.errors import StrictDataclassError
+
+from .jax_config import ConfigConversionError, hf_config_to_jax_config, jax_config_to_hf_kwargs, load_jax_config
+from .jax_params import ParameterMappingError, hf_to_jax, jax_parameter_shapes, jax_to_hf, parameter_specs
+from .msgpack_checkpoint import (
+    FLOAT_DTYPES,
+    CheckpointFormatError,
+    read_checkpoint_params,
+    write_streaming_checkpoint,
+)
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class ConversionError(ValueError):
+    """The conversion cannot proceed (bad input, mismatching weights, or an output that would be clobbered)."""
+
+
+# What TTTConfig raises for a bad value: its own checks give ValueError, huggingface_hub's `@strict` wraps them.
+_CONFIG_ERRORS = (ValueError, TypeError, StrictDataclassError)
+
+
+def _config_error_message(exc: BaseException) -> str:
+    # `@strict` puts the informative ValueError in __cause__ and a generic preamble in its own message.
+    cause = exc.__cause__ if isinstance(exc, StrictDataclassError) and exc.__cause__ is not None else exc
+    return str(cause)
+
+
+# Everything the CLIs report as a one-line `error:` rather than a traceback.
+_USER_ERRORS = (ConversionError, ConfigConversionError, ParameterMappingError, CheckpointFormatError, OSError)
+
+
+def _numpy_to_torch(array: np.ndarray) -> torch.Tensor:
+    # torch.from_numpy does not understand ml_dtypes' bfloat16; reinterpret its bits instead (exact).
+    if array.dtype == np.dtype(ml_dtypes.bfloat16):
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _torch_to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in TORCH_DTYPES:
+        raise ConversionError(f"unsupported dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
+
+
+def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConversionError(f"output {output_dir} exists and is not a directory")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise ConversionError(f"output directory {output_dir} is not empty; pass --overwrite to replace it")
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    """Move the finished folder `source` to `target`, replacing whatever is there only now that it succeeded."""
+    if target.is_dir() and any(target.iterdir()):
+        backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, backup / target.name)
+        os.replace(source, target)
+        shutil.rmtree(backup)
+    else:
+        # rename(2) replaces an empty directory atomically.
+        os.replace(source, target)
+
+
+def _current_umask() -> int:
+    # The only portable way to read the umask is to set it; restore it at once.
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def _transformers_progress_bars(enabled: bool) -> Iterator[None]:
+    """Show or hide transformers' own progress bars (e.g. while saving shards) for the duration of the block."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if enabled:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+        else:
+            hf_logging.disable_progress_bar()
+
+
+def _build_empty_model(config: Any, dtype: torch.dtype) -> torch.nn.Module:
+    # Importing modeling_ttt registers model_type "ttt" with the Auto classes.
+    import modeling_ttt  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    # On the meta device no memory is allocated and no random init runs: every weight comes from the checkpoint.
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def convert_jax_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    jax_config: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    dtype: str = "float32",
+    config_update: str | Mapping[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Convert an upstream JAX checkpoint into a Hugging Face `TTTForCausalLM` folder.
+
+    Args:
+        checkpoint: a `streaming_params` or `streaming_train_state` file (any stored float dtype).
+        jax_config: the upstream model config: a JSON file of `ModelConfig.to_dict()` or a preset name
+            (`125m-TTT`, `350m-TTT`, `760m-TTT`, `1b-TTT`).
+        output_dir: the folder to create.
+        dtype: dtype of the saved weights: "float32", "bfloat16" or "float16". Converting a bf16 checkpoint to
+            float32 is exact.
+        config_update: fields overriding the config, as upstream's `--update_model_config` takes them.
+        overwrite: replace a non-empty `output_dir` (only once the new folder is complete).
+        progress: show progress bars.
+
+    Returns:
+        `output_dir`.
+    """
+    from modeling_ttt import TTTConfig
+
+    _check_dtype(dtype)
+    output_dir = Path(output_dir)
+    _check_output_dir(output_dir, overwrite)
+
+    kwargs = jax_config_to_hf_kwargs(load_jax_config(jax_config, config_update))
+    try:
+        config = TTTConfig(**kwargs)
+    except _CONFIG_ERRORS as exc:
+        raise ConversionError(f"JAX config gives an invalid TTTConfig: {_config_error_message(exc)}") from exc
+
+    torch_dtype = TORCH_DTYPES[dtype]
+    model = _build_empty_model(config, torch_dtype)
+    expected = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    # Tied targets (the LM head when tie_word_embeddings) have no upstream tensor of their own.
+    tied: dict[str, str] = dict(model.all_tied_weights_keys)
+    needed = {key: shape for key, shape in expected.items() if key not in tied}
+
+    loaded = read_checkpoint_params(checkpoint, progress=progress)
+    arrays = jax_to_hf(loaded.params, parameter_specs(config), needed)
+    del loaded
+
+    state_dict = {key: _numpy_to_torch(array).to(torch_dtype) for key, array in arrays.items()}
+    for target, source in tied.items():
+        state_dict[target] = state_dict[source]
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise ConversionError(f"the converted weights do not load into TTTForCausalLM: {exc}") from exc
+    # assign=True gave the tied keys separate Parameter objects; make them one again before saving.
+    model.tie_weights()
+    still_empty = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
+    if still_empty:
+        raise ConversionError(f"model weights left unset after loading: {', '.join(still_empty)}")
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        # mkdtemp makes the folder private (0700); give the final folder the mode a plain mkdir would.
+        staging.chmod(0o777 & ~_current_umask())
+        with _transformers_progress_bars(progress):
+            model.save_pretrained(staging)
+        _replace_dir(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def _read_hf_config(model_dir: Path) -> dict[str, Any]:
+    from modeling_ttt import TTTConfig
+
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise ConversionError(f"{model_dir} has no config.json; not a Hugging Face model folder")
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConversionError(f"{config_file}: not a JSON file: {exc}") from exc
+    if not isinstance(raw, dict) or raw.get("model_type") != TTTConfig.model_type:
+        found = raw.get("model_type") if isinstance(raw, dict) else None
+        raise ConversionError(f"{config_file}: model_type is {found!r}, expected {TTTConfig.model_type!r}")
+    try:
+        # Going through TTTConfig fills defaults for fields the file omits and validates the values.
+        return TTTConfig.from_pretrained(model_dir).to_dict()
+    except _CONFIG_ERRORS as exc:
+        raise ConversionError(f"{config_file}: invalid TTT config: {_config_error_message(exc)}") from exc
+
+
+def _read_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    single = model_dir / "model.safetensors"
+    index = model_dir / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(single)
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ConversionError(f"{index}: not a valid safetensors index (needs a weight_map): {exc}") from exc
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ConversionError(f"{index}: weight_map must map tensor names to shard file names")
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            tensors.update(load_file(model_dir / shard))
+        return tensors
+    raise ConversionError(f"{model_dir} has neither model.safetensors nor model.safetensors.index.json")
+
+
+def convert_hf_to_jax(
+    model_dir: str | os.PathLike[str],
+    output_file: str | os.PathLike[str],
+    dtype: str = "float32",
+    *,
+    jax_config_file: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Write a Hugging Face `modeling_ttt` folder as an upstream `streaming_params` checkpoint.
+
+    The tensors are exactly what upstream's model holds (inverse layout transforms), cast to `dtype`
+    ("float32", "bfloat16" or "float16") like upstream's `float_dtype` does. `jax_config_file`, if given,
+    receives the matching upstream `ModelConfig` as JSON (loadable with `json::PATH`).
+    """
+    if dtype not in FLOAT_DTYPES:
+        raise ConversionError(f"unsupported dtype {dtype!r}; choose one of {', '.join(FLOAT_DTYPES)}")
+    model_dir = Path(model_dir)
+    output_file = Path(output_file)
+    outputs = [output_file] + ([Path(jax_config_file)] if jax_config_file is not None else [])
+    for path in outputs:
+        if path.is_dir():
+            raise ConversionError(f"output {path} is a directory")
+        if path.exists() and not overwrite:
+            raise ConversionError(f"output file {path} exists; pass --overwrite to replace it")
+
+    hf_config = _read_hf_config(model_dir)
+    jax_config = hf_config_to_jax_config(hf_config)
+    specs = parameter_specs(hf_config)
+    weights = _read_hf_weights(model_dir)
+    tied = frozenset({"lm_head.weight"}) if hf_config["tie_word_embeddings"] else frozenset()
+    state_dict = {key: _torch_to_numpy(tensor) for key, tensor in weights.items()}
+    params = hf_to_jax(state_dict, specs, jax_parameter_shapes(hf_config), ignored_hf_keys=tied)
+
+    output_file.parent.mkdir(parents=True, exist_ok=True)
+    write_streaming_checkpoint(output_file, params, dtype=dtype, progress=progress)
+    if jax_config_file is not None:
+        config_path = Path(jax_config_file)
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(json.dumps(jax_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return output_file
+
+
+def _run(action: Any) -> int:
+    try:
+        action()
+    except _USER_ERRORS as exc:
+        message = " ".join(str(exc).split())  # one line, whatever the exception text holds
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`ttt-convert-jax`: upstream JAX checkpoint → Hugging Face model folder."""
+    parser = argparse.ArgumentParser(
+        prog="ttt-convert-jax",
+        description="Convert a checkpoint of test-time-training/ttt-lm-jax (streaming_params or "
+        "streaming_train_state) into a Hugging Face TTTForCausalLM folder.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="streaming_params or streaming_train_state file")
+    parser.add_argument(
+        "--jax-config",
+        required=True,
+        help="upstream ModelConfig JSON file (json::PATH also accepted) or preset: 125m-TTT, 350m-TTT, 760m-TTT, 1b-TTT",
+    )
+    parser.add_argument(
+        "--config-update",
+        help="fields to override, as JSON or as upstream's --update_model_config, "
+        "e.g. '{\"seq_modeling_block\": \"ttt_mlp\", \"ttt_base_lr\": 0.1}'",
+    )
+    parser.add_argument("--output", required=True, help="output model folder")
+    parser.add_argument("--dtype", choices=tuple(TORCH_DTYPES), default="float32", help="saved weight dtype")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    def action() -> None:
+        out = convert_jax_checkpoint(
+            args.checkpoint,
+            args.jax_config,
+            args.output,
+            dtype=args.dtype,
+            config_update=args.config_update,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+        print(f"wrote {out}")
+
+    return _run(action)
+
+
+def main_to_jax(argv: Sequence[str] | None = None) -> int:
+    """`ttt-convert-to-jax`: Hugging Face model folder → upstream `streaming_params` file."""
+    parser = argparse.ArgumentParser(
+        prog="ttt-convert-to-jax",
+        description="Write a Hugging Face TTTForCausalLM folder as a streaming_params checkpoint of "
+        "test-time-training/ttt-lm-jax.",
+    )
+    parser.add_argument("--model", required=True, help="Hugging Face model folder (config.json + safetensors)")
+    parser.add_argument("--output", required=True, help="output streaming_params file")
+    parser.add_argument("--dtype", choices=tuple(FLOAT_DTYPES), default="float32", help="stored float dtype")
+    parser.add_argument("--jax-config-output", help="also write the matching upstream ModelConfig JSON here")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    def action() -> None:
+        out = convert_hf_to_jax(
+            args.model,
+            args.output,
+            dtype=args.dtype,
+            jax_config_file=args.jax_config_output,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+        print(f"wrote {out}")
+
+    return _run(action)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
