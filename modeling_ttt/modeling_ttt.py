@@ -148,6 +148,7 @@ class TTTModel(TTTPreTrainedModel):
             seen = None
 
         # Padding: move each row's real tokens to the front (right padding), run, and move them back.
+        attention_mask = _current_mask(attention_mask, seen, batch, seq_len)
         order, num_tokens = _compaction(attention_mask, batch, seq_len, inputs_embeds.device)
         if position_ids is not None:
             _check_position_ids(position_ids, attention_mask, seen, batch, seq_len, self.config.mini_batch_size)
@@ -256,6 +257,26 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
 # ----------------------------------------------------------------------------------------------------------------
 # Padding helpers
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _current_mask(attention_mask, seen, batch, seq_len):
+    """generate() passes the mask of the whole sequence so far, `(B, past + T)`: keep the last `T` columns,
+    after checking that the past columns agree with what the cache has seen."""
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[-1] <= seq_len:
+        return attention_mask
+    if attention_mask.shape[0] != batch:
+        return attention_mask  # _compaction reports the shape error
+    past = attention_mask[:, :-seq_len]
+    seen_by_mask = (past != 0).sum(dim=1)
+    expected = seen if seen is not None else torch.zeros_like(seen_by_mask)
+    if not torch.equal(seen_by_mask.to(expected.device), expected):
+        raise ValueError(
+            f"attention_mask has {attention_mask.shape[-1]} columns for {seq_len} new tokens, so it covers "
+            f"{attention_mask.shape[-1] - seq_len} past positions holding {seen_by_mask.tolist()} real tokens per row, "
+            f"but the cache has seen {expected.tolist()} tokens per row. Pass a mask of shape (batch, {seq_len}) or "
+            "one that covers exactly the tokens the cache has seen."
+        )
+    return attention_mask[:, -seq_len:]
 
 
 def _compaction(attention_mask, batch, seq_len, device):
