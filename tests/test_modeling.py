@@ -1,0 +1,172 @@
+"""TTTForCausalLM as a transformers model: causality at every length, save/load, auto classes, training."""
+
+import pytest
+import torch
+from conftest import tiny_config, tiny_model
+from transformers import AutoModel, AutoModelForCausalLM
+
+from modeling_ttt import TTTForCausalLM, TTTModel
+
+
+def test_causal_at_every_length(variant):
+    """logits(x[:, :t]) == logits(x)[:, :t] for every t, including 1 and lengths off the mini-batch grid."""
+    model = tiny_model(*variant)
+    input_ids = torch.randint(0, 97, (2, 27), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(input_ids, use_cache=False).logits
+        for t in range(1, 28):
+            prefix = model(input_ids[:, :t], use_cache=False).logits
+            torch.testing.assert_close(prefix, full[:, :t], atol=1e-5, rtol=0, msg=f"prefix length {t}")
+
+
+def test_future_tokens_do_not_leak(variant):
+    model = tiny_model(*variant)
+    a = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(2))
+    b = a.clone()
+    b[:, 11:] = (b[:, 11:] + 1) % 97
+    with torch.no_grad():
+        la, lb = model(a).logits, model(b).logits
+    torch.testing.assert_close(la[:, :11], lb[:, :11], atol=1e-6, rtol=0)
+    assert (la[:, 11:] - lb[:, 11:]).abs().max() > 1e-3
+
+
+def test_save_pretrained_round_trip(tmp_path, variant):
+    model = tiny_model(*variant)
+    input_ids = torch.randint(0, 97, (2, 19))
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, TTTForCausalLM)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, loaded(input_ids).logits)
+    # the non-persistent buffers are rebuilt, not left uninitialised
+    block = loaded.model.layers[0].seq_modeling_block
+    torch.testing.assert_close(block.token_idx, 1.0 / torch.arange(1, 9, dtype=torch.float32))
+
+
+def test_untied_head_round_trip(tmp_path):
+    model = tiny_model("mlp", "mamba", tie_word_embeddings=False)
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_tied_head_shares_the_embedding():
+    model = tiny_model("linear", "mamba")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_auto_classes():
+    config = tiny_config("mlp", "transformer")
+    assert isinstance(AutoModelForCausalLM.from_config(config), TTTForCausalLM)
+    assert isinstance(AutoModel.from_config(config), TTTModel)
+
+
+def test_initialisation_follows_the_official_code():
+    torch.manual_seed(0)
+    model = TTTForCausalLM(tiny_config("mlp", "mamba", hidden_size=64, initializer_range=0.05))
+    block = model.model.layers[0].seq_modeling_block
+    assert torch.all(block.learnable_token_idx == 0) and torch.all(block.learnable_ttt_lr_bias == 0)
+    assert torch.all(block.b1 == 0) and torch.all(block.b2 == 0) and torch.all(block.ttt_norm_weight == 1)
+    assert abs(block.W1.std().item() - 0.05) < 0.01 and abs(block.q_proj.weight.std().item() - 0.05) < 0.01
+    assert abs(block.learnable_ttt_lr_weight.std().item() - 0.05) < 0.015
+    # flax lecun-normal for depthwise convs: std ≈ 1/sqrt(kernel width) = 0.5
+    assert 0.35 < block.conv_q.weight.std().item() < 0.65
+
+
+def test_outputs_api():
+    model = tiny_model("linear", "mamba")
+    input_ids = torch.randint(0, 97, (2, 13))
+    with torch.no_grad():
+        out = model(input_ids, output_hidden_states=True)
+        assert out.logits.shape == (2, 13, 97)
+        assert len(out.hidden_states) == 3 and out.hidden_states[0].shape == (2, 13, 32)
+        last = model(input_ids, logits_to_keep=1).logits
+        torch.testing.assert_close(last, out.logits[:, -1:], atol=1e-6, rtol=0)
+        as_tuple = model(input_ids, return_dict=False)
+        assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.logits)
+        embeds = model.get_input_embeddings()(input_ids)
+        torch.testing.assert_close(model(inputs_embeds=embeds).logits, out.logits, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="exactly one"):
+        model(input_ids, inputs_embeds=embeds)
+
+
+def test_loss_matches_shifted_cross_entropy():
+    model = tiny_model("mlp", "transformer")
+    input_ids = torch.randint(0, 97, (2, 21))
+    labels = input_ids.clone()
+    labels[0, :5] = -100
+    out = model(input_ids, labels=labels)
+    expected = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_training_step_gives_finite_gradients_for_every_parameter(variant):
+    model = tiny_model(*variant).train()
+    input_ids = torch.randint(0, 97, (2, 21))
+    model(input_ids, labels=input_ids).loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(param.grad).all(), f"{name} has a non-finite gradient"
+    block = model.model.layers[0].seq_modeling_block
+    for name in ("W1", "b1", "learnable_ttt_lr_weight", "learnable_ttt_lr_bias", "learnable_token_idx",
+                 "ttt_norm_weight", "ttt_norm_bias"):
+        assert getattr(block, name).grad.abs().sum() > 0, f"{name} gradient is zero"
+
+
+def test_checkpointing_changes_nothing():
+    """Inner-loop recomputation groups and block activation checkpointing give the same loss and gradients."""
+    input_ids = torch.randint(0, 97, (2, 37))
+    results = []
+    for group, blocks in ((0, False), (2, False), (0, True)):
+        model = tiny_model("mlp", "mamba", scan_checkpoint_group_size=group).train()
+        if blocks:
+            model.activation_checkpointing_enable()
+        loss = model(input_ids, labels=input_ids, use_cache=False).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    for loss, grads in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], atol=1e-6, rtol=0)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, results[0][1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_left_and_right_padding_equal_unpadded_rows(variant):
+    model = tiny_model(*variant)
+    gen = torch.Generator().manual_seed(3)
+    rows = [torch.randint(3, 97, (n,), generator=gen) for n in (19, 6, 1)]
+    width = 19
+    for side in ("left", "right"):
+        input_ids = torch.zeros(3, width, dtype=torch.long)
+        mask = torch.zeros(3, width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+            input_ids[i, span], mask[i, span] = row, 1
+        with torch.no_grad():
+            logits = model(input_ids, attention_mask=mask, use_cache=False).logits
+            for i, row in enumerate(rows):
+                alone = model(row[None], use_cache=False).logits[0]
+                got = logits[i][mask[i].bool()]
+                torch.testing.assert_close(got, alone, atol=1e-5, rtol=0, msg=f"{side} row {i}")
+
+
+def test_bad_attention_mask_is_refused():
+    model = tiny_model("linear", "transformer")
+    input_ids = torch.randint(0, 97, (2, 9))
+    with pytest.raises(ValueError, match="shape"):
+        model(input_ids, attention_mask=torch.ones(3, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="only 0"):
+        model(input_ids, attention_mask=torch.full((2, 9), 2))
+
+
+def test_bf16_forward_runs_and_stays_close():
+    model = tiny_model("linear", "mamba")
+    input_ids = torch.randint(0, 97, (1, 24))
+    with torch.no_grad():
+        reference = model(input_ids).logits
+        low = model.to(torch.bfloat16)(input_ids).logits.float()
+    assert (low - reference).abs().max() < 0.1
