@@ -43,6 +43,10 @@ class TTTCache(Cache):
 
     Create it empty (`TTTCache(config)`); the first forward fills it for that batch. Memory does not grow with
     the number of tokens.
+
+    Two counters: `seen_tokens()` is the number of *real* tokens each row has consumed (what the math uses);
+    `get_seq_length()` is the number of positions (columns of the, possibly padded, input) fed so far, which is
+    how `generate()` slices the inputs and the attention mask when it continues from this cache.
     """
 
     is_compileable = False
@@ -51,6 +55,7 @@ class TTTCache(Cache):
         super().__init__(layers=[TTTCacheLayer() for _ in range(config.num_hidden_layers)])
         self.config_signature = _config_signature(config)
         self.num_rows: int | None = None
+        self.num_positions = 0  # columns fed so far, padding included (see `get_seq_length`)
 
     # -- what the model uses ----------------------------------------------------------------------------------
 
@@ -79,9 +84,9 @@ class TTTCache(Cache):
     # -- transformers Cache API --------------------------------------------------------------------------------
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        if not self.is_initialized:
-            return 0
-        return int(self.layers[layer_idx].inner_state.seen.max())
+        """Positions fed so far, padding included: the width of the attention mask that covers the past. Equal
+        to the token count when there is no padding; `seen_tokens()` has the real tokens per row."""
+        return self.num_positions
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1  # no limit: the state has a fixed size
@@ -122,6 +127,7 @@ class TTTCache(Cache):
             layer.inner_state = None
             layer.conv_states = {}
         self.num_rows = None
+        self.num_positions = 0
 
     def crop(self, max_length: int) -> None:
         raise NotImplementedError(
@@ -146,7 +152,7 @@ class TTTCache(Cache):
         return len(self.layers)
 
     def __repr__(self) -> str:
-        return (f"TTTCache(layers={len(self.layers)}, batch_size={self.num_rows}, "
+        return (f"TTTCache(layers={len(self.layers)}, batch_size={self.num_rows}, positions={self.num_positions}, "
                 f"seen={self.seen_tokens().tolist() if self.is_initialized else None})")
 
 

@@ -53,7 +53,11 @@ class TTTConfig(PreTrainedConfig):
         use_gate: multiply the TTT output by `gelu(W_g x)` (Mamba backbone).
         scan_checkpoint_group_size: while training, recompute the inner loop in groups of this many
             mini-batches in the backward pass instead of storing it (0 = store everything). No effect on outputs.
-        ttt_impl: `"torch"` (reference ops), `"triton"` (fused kernels), or `"auto"`.
+        ttt_impl: implementation of the inner loop: `"torch"` (the PyTorch reference ops, any device),
+            `"triton"` (fused Triton kernels; needs `triton` and a CUDA device, or `TRITON_INTERPRET=1` on CPU,
+            else an error is raised, never a silent fallback), or `"auto"` (default: Triton when the tensors are
+            on a CUDA device, `triton` is installed and head_dim ≤ 64, the reference otherwise). The environment
+            variable `TTT_IMPL` overrides this field (for benchmarking). Both give the same results up to rounding.
     """
 
     model_type = "ttt"
@@ -82,7 +86,7 @@ class TTTConfig(PreTrainedConfig):
     share_qk: bool = False
     use_gate: bool = False
     scan_checkpoint_group_size: int = 0
-    ttt_impl: str = "torch"
+    ttt_impl: str = "auto"
 
     def __post_init__(self, **kwargs):
         # Our checks run first so that a wrong value is a plain `ValueError` naming the field (the `@strict`

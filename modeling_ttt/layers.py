@@ -16,7 +16,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .configuration_ttt import TTTConfig
-from .ops import InnerState, ttt_linear, ttt_mlp
+from .ops import InnerState, get_ttt_ops
 
 
 class RMSNorm(nn.Module):
@@ -26,11 +26,13 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # x · rsqrt(mean(x²) + eps) in float32, then the weight in the input dtype (fused kernels)
         input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        shape = (hidden_states.shape[-1],)
+        if input_dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(hidden_states, shape, self.weight, eps=self.variance_epsilon)
+        normed = F.rms_norm(hidden_states.to(torch.float32), shape, eps=self.variance_epsilon)
+        return self.weight * normed.to(input_dtype)
 
 
 class SwiGLUMLP(nn.Module):
@@ -64,6 +66,9 @@ def causal_depthwise_conv(
     # Work in [B, T, C] (no transposes): y_t = bias + Σ_k w_k · x_{t-K+1+k}, K shifted multiply-adds.
     extended = torch.cat([state.transpose(1, 2).to(x.dtype), x], dim=1)  # [B, K-1+T, C]
     kernel = conv.weight.view(channels, width)
+    if seq_len == 1 and num_tokens is None:  # decoding: one window, one product and one sum
+        y = torch.sum(extended * kernel.t(), dim=1, keepdim=True) + conv.bias
+        return y, extended[:, 1:].transpose(1, 2)
     y = torch.addcmul(conv.bias, extended[:, :seq_len], kernel[:, 0])
     for k in range(1, width):
         y = torch.addcmul(y, extended[:, k : k + seq_len], kernel[:, k])
@@ -100,6 +105,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     even, odd = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
     return rotated.flatten(-2)
+
+
+def apply_rotary_interleaved(x: torch.Tensor, cos_pairs: torch.Tensor, signed_sin_pairs: torch.Tensor) -> torch.Tensor:
+    """[`apply_rotary`] with the tables laid out per channel (four kernels instead of seven; bit-identical):
+    `cos_pairs = (c_j, c_j)` and `signed_sin_pairs = (−s_j, s_j)` for pair `j`, so that
+    `(x_2j, x_2j+1) ↦ (x_2j·c_j − x_2j+1·s_j, x_2j+1·c_j + x_2j·s_j)` is `x · cos + swap(x) · sin`.
+
+    x: `[B, H, T, d]`; tables: `[B, 1, T, d]`."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return x * cos_pairs + swapped * signed_sin_pairs
 
 
 class TTTLayerBase(nn.Module):
@@ -154,6 +169,9 @@ class TTTLayerBase(nn.Module):
             "token_idx": 1.0 / torch.arange(1, mini_batch_size + 1, dtype=torch.float32),
             "rope_cos": angles.cos(),
             "rope_sin": angles.sin(),
+            # the same tables per channel, for `apply_rotary_interleaved`: (c_j, c_j) and (−s_j, s_j)
+            "rope_cos_pairs": angles.cos().repeat_interleave(2, dim=-1),
+            "rope_signed_sin_pairs": torch.stack((-angles.sin(), angles.sin()), dim=-1).flatten(-2),
         }
 
     # -- pieces ------------------------------------------------------------------------------------------------
@@ -204,10 +222,15 @@ class TTTLayerBase(nn.Module):
         xq, xk, xv = self.project_qkv(hidden_states, layer_state, num_tokens)
         xq, xk, xv = self.split_heads(xq), self.split_heads(xk), self.split_heads(xv)
 
-        positions = (state.seen.unsqueeze(1) + torch.arange(seq_len, device=hidden_states.device)) % self.mini_batch_size
-        cos = self.rope_cos[positions].unsqueeze(1).to(xq.dtype)  # [B, 1, T, d/2]
-        sin = self.rope_sin[positions].unsqueeze(1).to(xq.dtype)
-        xq, xk = apply_rotary(xq, cos, sin), apply_rotary(xk, cos, sin)
+        # RoPE at each token's position inside its mini-batch, which follows the row's own token counter
+        if seq_len == 1:
+            positions = (state.seen % self.mini_batch_size).unsqueeze(1)  # [B, 1]
+        else:
+            positions = state.seen.unsqueeze(1) + torch.arange(seq_len, device=hidden_states.device)
+            positions = positions % self.mini_batch_size  # [B, T]
+        cos = self.rope_cos_pairs[positions].unsqueeze(1).to(xq.dtype)  # [B, 1, T, d]
+        sin = self.rope_signed_sin_pairs[positions].unsqueeze(1).to(xq.dtype)
+        xq, xk = apply_rotary_interleaved(xq, cos, sin), apply_rotary_interleaved(xk, cos, sin)
 
         inner_lr = self.inner_lr(hidden_states)
         if num_tokens is not None:
@@ -235,6 +258,7 @@ class TTTLinear(TTTLayerBase):
         self.b1 = nn.Parameter(torch.zeros(self.num_heads, 1, self.head_dim))
 
     def run_inner_loop(self, xq, xk, xv, inner_lr, state, num_tokens):
+        ttt_linear = get_ttt_ops(self.config.ttt_impl, "linear", xq.device, self.head_dim)
         return ttt_linear(xq, xk, xv, inner_lr, self.token_scale(), self.ttt_norm_weight, self.ttt_norm_bias, state,
                           num_tokens, self.checkpoint_group())
 
@@ -253,6 +277,7 @@ class TTTMLP(TTTLayerBase):
         self.b2 = nn.Parameter(torch.zeros(self.num_heads, 1, self.head_dim))
 
     def run_inner_loop(self, xq, xk, xv, inner_lr, state, num_tokens):
+        ttt_mlp = get_ttt_ops(self.config.ttt_impl, "mlp", xq.device, self.head_dim)
         return ttt_mlp(xq, xk, xv, inner_lr, self.token_scale(), self.ttt_norm_weight, self.ttt_norm_bias, state,
                        num_tokens, self.checkpoint_group())
 

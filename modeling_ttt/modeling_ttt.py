@@ -136,7 +136,7 @@ class TTTModel(TTTPreTrainedModel):
                 f"past_key_values must be a TTTCache (the recurrent state of a TTT model), got "
                 f"{type(past_key_values).__name__}."
             )
-        if self.is_activation_checkpointing and self.training and use_cache:
+        if self.training and use_cache and self.is_activation_checkpointing:  # (the property walks all modules)
             logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; using use_cache=False.")
             use_cache = False
         if use_cache and past_key_values is None:
@@ -166,6 +166,7 @@ class TTTModel(TTTPreTrainedModel):
             all_hidden_states += (hidden_states,)
         if past_key_values is not None:
             past_key_values.num_rows = batch
+            past_key_values.num_positions += seq_len
 
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
@@ -195,6 +196,15 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
+
+    def stream(self, input_ids, **kwargs):
+        """Score a long token sequence chunk by chunk with the recurrent cache: exact (equal to one full forward),
+        memory flat in the sequence length, with a progress bar. Returns a `StreamScore` (per-token NLLs, total
+        NLL, perplexity, token count, optional loss per position bucket); keyword arguments and conventions are
+        those of [`modeling_ttt.streaming.score_stream`]."""
+        from .streaming import score_stream
+
+        return score_stream(self, input_ids, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length):

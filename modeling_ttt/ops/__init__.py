@@ -1,5 +1,78 @@
-"""Inner-loop math of TTT layers as pure functions over tensors (see `reference.py`, the spec)."""
+"""Inner-loop math of TTT layers as pure functions over tensors (see `reference.py`, the spec), and the choice
+between the reference and the fused Triton kernels (`get_ttt_ops`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Callable
+
+import torch
 
 from .reference import InnerState, ttt_linear, ttt_mlp, ttt_sequential
 
-__all__ = ["InnerState", "ttt_linear", "ttt_mlp", "ttt_sequential"]
+#: Environment variable that overrides `config.ttt_impl` (for benchmarking): "torch", "triton" or "auto".
+TTT_IMPL_ENV = "TTT_IMPL"
+_IMPLEMENTATIONS = ("torch", "triton", "auto")
+_REFERENCE_OPS = {"linear": ttt_linear, "mlp": ttt_mlp}
+
+
+def triton_available() -> bool:
+    """Whether the `triton` package can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # e.g. a `triton` entry of None in sys.modules (import blocked)
+        return False
+
+
+def _triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_ttt_impl(impl: str, device: torch.device | str) -> str:
+    """`"torch"` or `"triton"` for a requested implementation on `device`.
+
+    The `TTT_IMPL` environment variable, when set, replaces `impl`. `"auto"` picks Triton when the tensors are on
+    a CUDA device and Triton is installed, else the PyTorch reference (`get_ttt_ops` also checks the head size).
+    An explicit `"triton"` that cannot run raises `RuntimeError` saying why; it never falls back silently.
+    """
+    requested = os.environ.get(TTT_IMPL_ENV) or impl
+    if requested not in _IMPLEMENTATIONS:
+        source = f"environment variable {TTT_IMPL_ENV}" if os.environ.get(TTT_IMPL_ENV) else "ttt_impl"
+        raise ValueError(f"{source} must be one of {_IMPLEMENTATIONS}, got {requested!r}.")
+    device = torch.device(device)
+    if requested == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if requested == "triton":
+        if not triton_available():
+            raise RuntimeError("ttt_impl='triton' needs the `triton` package, which is not installed "
+                               "(pip install 'modeling-ttt[triton]'), or use ttt_impl='torch' / 'auto'.")
+        if device.type == "cpu" and not _triton_interpreter_on():
+            raise RuntimeError("ttt_impl='triton' got tensors on the CPU: the Triton kernels need a CUDA device "
+                               "(or TRITON_INTERPRET=1 for Triton's slow CPU interpreter); use ttt_impl='torch' "
+                               "or 'auto' on CPU.")
+        if device.type not in ("cpu", "cuda"):
+            raise RuntimeError(f"ttt_impl='triton' does not support tensors on {device.type!r} devices.")
+    return requested
+
+
+def get_ttt_ops(impl: str, layer_type: str, device: torch.device | str, head_dim: int | None = None) -> Callable:
+    """The inner-loop function (signature of `reference.ttt_linear` / `ttt_mlp`) for `layer_type` ("linear" or
+    "mlp") with implementation `impl` ("torch", "triton" or "auto", see `resolve_ttt_impl`) on `device`.
+
+    With `head_dim` given, `"auto"` also falls back to the reference for head sizes the kernels do not handle
+    (`modeling_ttt.ops.triton.MAX_HEAD_DIM`); an explicit `"triton"` raises `NotImplementedError` for them."""
+    if layer_type not in _REFERENCE_OPS:
+        raise ValueError(f"layer_type must be one of {tuple(_REFERENCE_OPS)}, got {layer_type!r}.")
+    if resolve_ttt_impl(impl, device) == "torch":
+        return _REFERENCE_OPS[layer_type]
+    from . import triton as triton_ops  # imported only here: `import triton` is slow and optional
+
+    requested = os.environ.get(TTT_IMPL_ENV) or impl
+    if requested == "auto" and head_dim is not None and not triton_ops.supports(layer_type, head_dim):
+        return _REFERENCE_OPS[layer_type]
+    return {"linear": triton_ops.ttt_linear, "mlp": triton_ops.ttt_mlp}[layer_type]
+
+
+__all__ = ["InnerState", "ttt_linear", "ttt_mlp", "ttt_sequential", "get_ttt_ops", "resolve_ttt_impl",
+           "triton_available", "TTT_IMPL_ENV"]

@@ -21,7 +21,9 @@ pieces, or a token at a time with identical results. Inside a call, whole mini-b
 Rows of a batch may sit at different positions inside their mini-batch (different `seen`), and may hold fewer
 real tokens than the chunk (right padding, `num_tokens`). Both are handled by laying every row out in an
 "aligned frame" whose mini-batches start at multiples of `M`: row `b` is shifted right by `seen_b mod M`;
-the unused slots carry zero inputs and zero learning rate, so they change nothing.
+the unused slots carry zero inputs and zero learning rate, so they change nothing. A chunk that ends inside every
+row's current mini-batch (decoding one token, a short prompt) skips the frame: the same step is applied to its
+`T` slots directly, each with the token scale of its own position (`_ttt_within_mini_batch`).
 """
 
 from __future__ import annotations
@@ -180,6 +182,16 @@ def _ttt_chunk(
     batch, heads, seq_len, head_dim = xq.shape
     rows = batch * heads  # the loop works on [B·H, ...] so every product is one batched matmul
     mini_batch_size = token_scale.shape[0]
+    if batch > 0 and seq_len <= mini_batch_size:
+        # Host-side bookkeeping (one sync): where each row's chunk ends inside its current mini-batch.
+        shift = state.seen % mini_batch_size
+        shifts = shift.tolist()
+        counts = num_tokens.tolist() if num_tokens is not None else [seq_len] * batch
+        ends = [s + c for s, c in zip(shifts, counts)]
+        if max(ends) <= mini_batch_size:
+            # Every row's chunk ends inside (or at the end of) its current mini-batch: decoding, short prompts.
+            return _ttt_within_mini_batch(layer_type, xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state,
+                                          num_tokens, shift, shifts, ends)
     frame = _make_frame(state.seen, num_tokens, seq_len, mini_batch_size)
     num_mini_batches = frame.length // mini_batch_size
 
@@ -222,6 +234,7 @@ def _ttt_chunk(
     # some row starts mid-mini-batch, and only by the first step.
     has_pending = not frame.identity and bool(frame.shift.any())
     neg_last_scale = -token_scale[-1]
+    pending_scale = token_scale.view(-1, 1)  # [M, 1]: slot i of every row sits at position i
     step = _linear_step if layer_type == "linear" else _mlp_step
     num_weights = len(state.weights)
 
@@ -233,7 +246,7 @@ def _ttt_chunk(
         for k in range(first, stop):
             step_inputs = tuple(x[k - first] for x in inputs)
             pending = grads if (k == 0 and has_pending) else None
-            z_bar, increments = step(weights, pending, step_inputs, token_scale, ln_w_sq)
+            z_bar, increments = step(weights, pending, step_inputs, pending_scale, ln_w_sq)
             outputs.append(z_bar)
             summed = increments if grads is None else tuple(g + d for g, d in zip(grads, increments))
             if all_complete[k]:  # W₀ ← W₀ − s_last · G, G ← 0
@@ -278,6 +291,91 @@ def _ttt_chunk(
     return out, InnerState(new_weights, new_grads, state.seen + count)
 
 
+def _ttt_within_mini_batch(
+    layer_type: str,
+    xq: torch.Tensor,
+    xk: torch.Tensor,
+    xv: torch.Tensor,
+    inner_lr: torch.Tensor,
+    token_scale: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    state: InnerState,
+    num_tokens: torch.Tensor | None,
+    shift: torch.Tensor,
+    shifts: list[int],
+    ends: list[int],
+) -> tuple[torch.Tensor, InnerState]:
+    """`_ttt_chunk` for a chunk that stays inside every row's current mini-batch (`shift_b + count_b ≤ M`), the
+    decoding case. The same rule (Eq. 6/7 with the pending sums `G`) and the same step functions, applied to the
+    chunk's `T` slots directly instead of an aligned frame of `M` slots: token `i` of row `b` sits at position
+    `shift_b + i` of its mini-batch, so it carries its own scale `s_{shift_b + i}`.
+
+    `shift` is `seen mod M` (`[B]`); `shifts` and `ends` (`shift + tokens` per row) are the same on the host."""
+    batch, heads, seq_len, head_dim = xq.shape
+    rows = batch * heads
+    mini_batch_size = token_scale.shape[0]
+    if seq_len == 1:
+        positions = shift.unsqueeze(1)  # [B, 1]
+    else:  # [B, T], clamped only at padding
+        positions = (shift.unsqueeze(1) + torch.arange(seq_len, device=xq.device)).clamp(max=mini_batch_size - 1)
+    scale = token_scale[positions].repeat_interleave(heads, dim=0).unsqueeze(-1)  # [BH, T, 1]: s_i per slot
+
+    if num_tokens is not None:  # right padding: padded slots get zero inputs and zero learning rate
+        real = (torch.arange(seq_len, device=xq.device) < num_tokens.unsqueeze(1)).view(batch, 1, seq_len)
+        xq, xk, xv = (x * real.unsqueeze(-1).to(x.dtype) for x in (xq, xk, xv))
+        inner_lr = inner_lr * real.to(inner_lr.dtype)
+    xq_r, xk_r, xv_r = (x.reshape(rows, seq_len, head_dim) for x in (xq, xk, xv))
+    lr = inner_lr.reshape(rows, seq_len)
+    if batch == 1:
+        ln_w, ln_b = ln_weight.reshape(rows, 1, head_dim), ln_bias.reshape(rows, 1, head_dim)
+    else:
+        ln_w = ln_weight.repeat(batch, 1).view(rows, 1, head_dim)
+        ln_b = ln_bias.repeat(batch, 1).view(rows, 1, head_dim)
+    ln_w_sq = ln_w * ln_w
+    ln_target = ln_w * (ln_b - (xv_r - xk_r))  # target = x_v − x_k (Sec. 2.3)
+    eta = scale * lr.unsqueeze(-2)  # [BH, T, T]: s_i · lr_j (Eq. 7) ...
+    if seq_len > 1:
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=xq.device).tril()
+        eta = eta.masked_fill(~causal, 0.0)  # ... for j ≤ i
+    lr_xk_t = (lr.unsqueeze(-1) * xk_r).transpose(-1, -2)
+    lr_row = lr.unsqueeze(-2)
+    if layer_type == "linear":
+        dual = eta * (xq_r @ xk_r.transpose(-1, -2) + 1.0)
+        inputs = (torch.cat([xk_r, xq_r], dim=-2), ln_target, dual, lr_xk_t, lr_row)
+        step = _linear_step
+    else:
+        inputs = (xq_r, xk_r, ln_target, eta, lr_xk_t, lr_row, lr)
+        step = _mlp_step
+
+    weights = tuple(w.reshape(rows, *w.shape[2:]) for w in state.weights)
+    # G is zero for rows at a mini-batch boundary (the invariant of InnerState): skip it when all rows are there.
+    grads = tuple(g.reshape(rows, *g.shape[2:]) for g in state.grads) if any(shifts) else None
+    z_bar, increments = step(weights, grads, inputs, scale, ln_w_sq)
+    summed = increments if grads is None else tuple(g + d for g, d in zip(grads, increments))
+
+    completes = [end == mini_batch_size for end in ends]  # rows whose mini-batch ends with this chunk
+    if all(completes):  # W₀ ← W₀ − s_last · G, G ← 0
+        neg_last_scale = -token_scale[-1]
+        weights = tuple(w.addcmul(g, neg_last_scale) for w, g in zip(weights, summed))
+        grads = tuple(torch.zeros_like(g) for g in summed)
+    elif not any(completes):
+        grads = summed
+    else:
+        neg_last_scale = -token_scale[-1]
+        done = torch.tensor(completes, device=xq.device).repeat_interleave(heads).view(rows, 1, 1)
+        weights = tuple(torch.where(done, w.addcmul(g, neg_last_scale), w) for w, g in zip(weights, summed))
+        grads = tuple(torch.where(done, torch.zeros_like(g), g) for g in summed)
+
+    out = (xq_r + layer_norm(z_bar, ln_w, ln_b)).view(batch, heads, seq_len, head_dim)  # output rule (Sec. 2.7)
+    if num_tokens is not None:
+        out = out * real.unsqueeze(-1).to(out.dtype)
+    new_weights = tuple(w.view(batch, heads, *w.shape[1:]) for w in weights)
+    new_grads = tuple(g.view(batch, heads, *g.shape[1:]) for g in grads)
+    seen = state.seen + (num_tokens if num_tokens is not None else seq_len)
+    return out, InnerState(new_weights, new_grads, seen)
+
+
 def _l2_grad_through_ln(z: torch.Tensor, ln_target: torch.Tensor, ln_w_sq: torch.Tensor) -> torch.Tensor:
     """`layer_norm_l2_grad` with the token-only term `w·(b − target)` precomputed (hot loop version)."""
     dim = z.shape[-1]
@@ -290,8 +388,11 @@ def _l2_grad_through_ln(z: torch.Tensor, ln_target: torch.Tensor, ln_w_sq: torch
     return torch.addcmul(out, z_hat, projection, value=-1.0 / dim) * inv_std
 
 
-def _linear_step(weights, pending, inputs, token_scale, ln_w_sq):
-    """One mini-batch of TTT-Linear, `f(x) = x W + b`. Returns the pre-LN outputs and the gradient sums."""
+def _linear_step(weights, pending, inputs, pending_scale, ln_w_sq):
+    """One mini-batch of TTT-Linear, `f(x) = x W + b`. Returns the pre-LN outputs and the gradient sums.
+
+    `pending_scale` is each slot's token scale `s_i`, broadcastable to `[BH, slots, 1]`; it only multiplies the
+    pending sums `G` (the dual matrix already holds `s_i · lr_j`)."""
     w1, b1 = weights
     qk, ln_target, dual, lr_xk_t, lr_row = inputs
     mini_batch_size = ln_target.shape[-2]
@@ -301,15 +402,15 @@ def _linear_step(weights, pending, inputs, token_scale, ln_w_sq):
     z_bar = torch.baddbmm(z_q, dual, grad_z, alpha=-1.0)
     if pending is not None:  # tokens continuing a mini-batch also see the gradients already summed in G
         xq = qk[:, mini_batch_size:]
-        z_bar = z_bar - token_scale.view(-1, 1) * torch.baddbmm(pending[1], xq, pending[0])
+        z_bar = z_bar - pending_scale * torch.baddbmm(pending[1], xq, pending[0])
     return z_bar, (lr_xk_t @ grad_z, lr_row @ grad_z)
 
 
-def _mlp_step(weights, pending, inputs, token_scale, ln_w_sq):
-    """One mini-batch of TTT-MLP, `f(x) = gelu(x W1 + b1) W2 + b2`."""
+def _mlp_step(weights, pending, inputs, pending_scale, ln_w_sq):
+    """One mini-batch of TTT-MLP, `f(x) = gelu(x W1 + b1) W2 + b2` (`pending_scale` as in `_linear_step`)."""
     w1, b1, w2, b2 = weights
     xq, xk, ln_target, eta, lr_xk_t, lr_row, lr = inputs
-    scale = token_scale.view(-1, 1)
+    scale = pending_scale
     z1 = torch.baddbmm(b1, xk, w1)
     x2 = gelu_tanh(z1)
     grad_z2 = _l2_grad_through_ln(torch.baddbmm(b2, x2, w2), ln_target, ln_w_sq)
