@@ -39,7 +39,7 @@ def load_tokens(path: Path) -> torch.Tensor:
         import numpy as np
 
         return torch.from_numpy(np.load(path)).long().flatten()
-    return torch.as_tensor(torch.load(path)).long().flatten()
+    return torch.as_tensor(torch.load(path, weights_only=True)).long().flatten()
 
 
 def main(argv=None) -> None:
