@@ -203,26 +203,10 @@ def _ttt_chunk(
 
     xq_s, xk_s, xv_s = to_steps(xq), to_steps(xk), to_steps(xv)
     lr_s = to_steps(inner_lr)  # [K, BH, M]; zero at unused slots
-    ln_w = ln_weight.repeat(batch, 1).view(rows, 1, head_dim)
-    ln_b = ln_bias.repeat(batch, 1).view(rows, 1, head_dim)
-
+    ln_w, ln_b = _per_row(ln_weight, batch), _per_row(ln_bias, batch)
+    pending_scale = token_scale.view(-1, 1)  # [M, 1]: slot i of every row sits at position i
     # Everything that does not depend on the inner weights is computed for all mini-batches at once.
-    # LN(z)·w + b − target, times w, is w²·ẑ + w·(b − target): the second term is fixed per token.
-    ln_w_sq = ln_w * ln_w
-    ln_target = ln_w * (ln_b - (xv_s - xk_s))  # target = x_v − x_k (Sec. 2.3)
-    causal = torch.ones(mini_batch_size, mini_batch_size, dtype=torch.bool, device=xq.device).tril()
-    # eta[i, j] = s_i · lr_j for j ≤ i: the weight of token j's gradient in token i's weights (Eq. 7)
-    eta_s = (token_scale.view(-1, 1) * lr_s.unsqueeze(-2)).masked_fill(~causal, 0.0)  # [K, BH, M, M]
-    lr_xk_t = (lr_s.unsqueeze(-1) * xk_s).transpose(-1, -2)  # (lr_j · x_k,j)ᵀ for the gradient sums
-    lr_row = lr_s.unsqueeze(-2)  # [K, BH, 1, M]
-    if layer_type == "linear":
-        # Dual form of TTT-Linear (Sec. 2.6): x_q,i (W₀ − Σ_j η_ij x_k,jᵀ g_j) + b₀ − Σ_j η_ij g_j
-        #   = x_q,i W₀ + b₀ − Σ_j η_ij (x_q,i·x_k,j + 1) g_j
-        dual_s = eta_s * (xq_s @ xk_s.transpose(-1, -2) + 1.0)
-        qk_s = torch.cat([xk_s, xq_s], dim=-2)  # one product with W₀ gives both x_k W₀ and x_q W₀
-        per_step = (qk_s, ln_target, dual_s, lr_xk_t, lr_row)
-    else:
-        per_step = (xq_s, xk_s, ln_target, eta_s, lr_xk_t, lr_row, lr_s)
+    per_step, ln_w_sq = _step_inputs(layer_type, xq_s, xk_s, xv_s, lr_s, pending_scale, ln_w, ln_b)
 
     # Per mini-batch: does each row finish it (then W₀ takes the step and G resets)?
     completes = (torch.arange(1, num_mini_batches + 1, device=xq.device).unsqueeze(1) * mini_batch_size
@@ -234,7 +218,6 @@ def _ttt_chunk(
     # some row starts mid-mini-batch, and only by the first step.
     has_pending = not frame.identity and bool(frame.shift.any())
     neg_last_scale = -token_scale[-1]
-    pending_scale = token_scale.view(-1, 1)  # [M, 1]: slot i of every row sits at position i
     step = _linear_step if layer_type == "linear" else _mlp_step
     num_weights = len(state.weights)
 
@@ -249,15 +232,8 @@ def _ttt_chunk(
             z_bar, increments = step(weights, pending, step_inputs, pending_scale, ln_w_sq)
             outputs.append(z_bar)
             summed = increments if grads is None else tuple(g + d for g, d in zip(grads, increments))
-            if all_complete[k]:  # W₀ ← W₀ − s_last · G, G ← 0
-                weights = tuple(w.addcmul(g, neg_last_scale) for w, g in zip(weights, summed))
-                grads = None
-            elif none_complete[k]:
-                grads = summed
-            else:
-                done = row_completes[k]
-                weights = tuple(torch.where(done, w.addcmul(g, neg_last_scale), w) for w, g in zip(weights, summed))
-                grads = tuple(torch.where(done, torch.zeros_like(g), g) for g in summed)
+            weights, grads = _end_of_chunk_update(weights, summed, all_complete[k], none_complete[k],
+                                                  lambda: row_completes[k], neg_last_scale)
         if grads is None:
             grads = tuple(torch.zeros_like(w) for w in weights)
         return (*weights, *grads, torch.stack(outputs))
@@ -326,27 +302,9 @@ def _ttt_within_mini_batch(
         xq, xk, xv = (x * real.unsqueeze(-1).to(x.dtype) for x in (xq, xk, xv))
         inner_lr = inner_lr * real.to(inner_lr.dtype)
     xq_r, xk_r, xv_r = (x.reshape(rows, seq_len, head_dim) for x in (xq, xk, xv))
-    lr = inner_lr.reshape(rows, seq_len)
-    if batch == 1:
-        ln_w, ln_b = ln_weight.reshape(rows, 1, head_dim), ln_bias.reshape(rows, 1, head_dim)
-    else:
-        ln_w = ln_weight.repeat(batch, 1).view(rows, 1, head_dim)
-        ln_b = ln_bias.repeat(batch, 1).view(rows, 1, head_dim)
-    ln_w_sq = ln_w * ln_w
-    ln_target = ln_w * (ln_b - (xv_r - xk_r))  # target = x_v − x_k (Sec. 2.3)
-    eta = scale * lr.unsqueeze(-2)  # [BH, T, T]: s_i · lr_j (Eq. 7) ...
-    if seq_len > 1:
-        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=xq.device).tril()
-        eta = eta.masked_fill(~causal, 0.0)  # ... for j ≤ i
-    lr_xk_t = (lr.unsqueeze(-1) * xk_r).transpose(-1, -2)
-    lr_row = lr.unsqueeze(-2)
-    if layer_type == "linear":
-        dual = eta * (xq_r @ xk_r.transpose(-1, -2) + 1.0)
-        inputs = (torch.cat([xk_r, xq_r], dim=-2), ln_target, dual, lr_xk_t, lr_row)
-        step = _linear_step
-    else:
-        inputs = (xq_r, xk_r, ln_target, eta, lr_xk_t, lr_row, lr)
-        step = _mlp_step
+    ln_w, ln_b = _per_row(ln_weight, batch), _per_row(ln_bias, batch)
+    inputs, ln_w_sq = _step_inputs(layer_type, xq_r, xk_r, xv_r, inner_lr.reshape(rows, seq_len), scale, ln_w, ln_b)
+    step = _linear_step if layer_type == "linear" else _mlp_step
 
     weights = tuple(w.reshape(rows, *w.shape[2:]) for w in state.weights)
     # G is zero for rows at a mini-batch boundary (the invariant of InnerState): skip it when all rows are there.
@@ -355,17 +313,13 @@ def _ttt_within_mini_batch(
     summed = increments if grads is None else tuple(g + d for g, d in zip(grads, increments))
 
     completes = [end == mini_batch_size for end in ends]  # rows whose mini-batch ends with this chunk
-    if all(completes):  # W₀ ← W₀ − s_last · G, G ← 0
-        neg_last_scale = -token_scale[-1]
-        weights = tuple(w.addcmul(g, neg_last_scale) for w, g in zip(weights, summed))
+    weights, grads = _end_of_chunk_update(
+        weights, summed, all(completes), not any(completes),
+        lambda: torch.tensor(completes, device=xq.device).repeat_interleave(heads).view(rows, 1, 1),
+        -token_scale[-1],
+    )
+    if grads is None:
         grads = tuple(torch.zeros_like(g) for g in summed)
-    elif not any(completes):
-        grads = summed
-    else:
-        neg_last_scale = -token_scale[-1]
-        done = torch.tensor(completes, device=xq.device).repeat_interleave(heads).view(rows, 1, 1)
-        weights = tuple(torch.where(done, w.addcmul(g, neg_last_scale), w) for w, g in zip(weights, summed))
-        grads = tuple(torch.where(done, torch.zeros_like(g), g) for g in summed)
 
     out = (xq_r + layer_norm(z_bar, ln_w, ln_b)).view(batch, heads, seq_len, head_dim)  # output rule (Sec. 2.7)
     if num_tokens is not None:
@@ -374,6 +328,50 @@ def _ttt_within_mini_batch(
     new_grads = tuple(g.view(batch, heads, *g.shape[1:]) for g in grads)
     seen = state.seen + (num_tokens if num_tokens is not None else seq_len)
     return out, InnerState(new_weights, new_grads, seen)
+
+
+def _per_row(param: torch.Tensor, batch: int) -> torch.Tensor:
+    """A per-head `[H, d]` parameter laid out for the `[B·H, slots, d]` rows of the loop: `[B·H, 1, d]`."""
+    heads, dim = param.shape
+    if batch == 1:
+        return param.view(heads, 1, dim)
+    return param.repeat(batch, 1).view(batch * heads, 1, dim)
+
+
+def _step_inputs(layer_type, xq, xk, xv, lr, scale, ln_w, ln_b):
+    """Everything a step needs that does not depend on the inner weights, for `[..., B·H, slots, d]` inputs
+    (`lr`: `[..., B·H, slots]`; `scale`: each slot's token scale `s_i`, broadcastable to `[..., slots, 1]`).
+    Returns the step's input tuple and `w²` of the inner LayerNorm."""
+    slots = xq.shape[-2]
+    # LN(z)·w + b − target, times w, is w²·ẑ + w·(b − target): the second term is fixed per token.
+    ln_target = ln_w * (ln_b - (xv - xk))  # target = x_v − x_k (Sec. 2.3)
+    # eta[i, j] = s_i · lr_j for j ≤ i: the weight of token j's gradient in token i's weights (Eq. 7)
+    eta = scale * lr.unsqueeze(-2)  # [..., slots, slots]
+    if slots > 1:
+        causal = torch.ones(slots, slots, dtype=torch.bool, device=xq.device).tril()
+        eta = eta.masked_fill(~causal, 0.0)
+    lr_xk_t = (lr.unsqueeze(-1) * xk).transpose(-1, -2)  # (lr_j · x_k,j)ᵀ for the gradient sums
+    lr_row = lr.unsqueeze(-2)
+    if layer_type == "linear":
+        # Dual form of TTT-Linear (Sec. 2.6): x_q,i (W₀ − Σ_j η_ij x_k,jᵀ g_j) + b₀ − Σ_j η_ij g_j
+        #   = x_q,i W₀ + b₀ − Σ_j η_ij (x_q,i·x_k,j + 1) g_j
+        dual = eta * (xq @ xk.transpose(-1, -2) + 1.0)
+        qk = torch.cat([xk, xq], dim=-2)  # one product with W₀ gives both x_k W₀ and x_q W₀
+        return (qk, ln_target, dual, lr_xk_t, lr_row), ln_w * ln_w
+    return (xq, xk, ln_target, eta, lr_xk_t, lr_row, lr), ln_w * ln_w
+
+
+def _end_of_chunk_update(weights, summed, all_done: bool, none_done: bool, done_mask, neg_last_scale):
+    """Rows whose mini-batch ends take the step `W₀ ← W₀ − s_last · G` and reset `G`; the others keep `W₀` and
+    carry `G = summed`. `done_mask()` builds the `[B·H, 1, 1]` row mask, only needed when rows differ.
+    Returns the new weights and the new `G` (`None` when it is zero for every row)."""
+    if all_done:
+        return tuple(w.addcmul(g, neg_last_scale) for w, g in zip(weights, summed)), None
+    if none_done:
+        return weights, summed
+    done = done_mask()
+    weights = tuple(torch.where(done, w.addcmul(g, neg_last_scale), w) for w, g in zip(weights, summed))
+    return weights, tuple(torch.where(done, torch.zeros_like(g), g) for g in summed)
 
 
 def _l2_grad_through_ln(z: torch.Tensor, ln_target: torch.Tensor, ln_w_sq: torch.Tensor) -> torch.Tensor:
