@@ -69,8 +69,8 @@ class InnerState:
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = LAYER_NORM_EPS) -> torch.Tensor:
-    centered = x - x.mean(dim=-1, keepdim=True)
-    return centered * torch.rsqrt(centered.square().mean(dim=-1, keepdim=True) + eps) * weight + bias
+    """LayerNorm over the last axis with a `weight`/`bias` that broadcast against `x` (per head, per row)."""
+    return torch.addcmul(bias, F.layer_norm(x, (x.shape[-1],), eps=eps), weight)
 
 
 def layer_norm_l2_grad(
@@ -219,7 +219,7 @@ def _ttt_chunk(
     has_pending = not frame.identity and bool(frame.shift.any())
     neg_last_scale = -token_scale[-1]
     step = _linear_step if layer_type == "linear" else _mlp_step
-    num_weights = len(state.weights)
+    num_weights = 1 if layer_type == "linear" else 4  # TTT-Linear's loop works on [W; b] (see `_pack`)
 
     def run_steps(first: int, stop: int, grads_are_zero: bool, *carry_and_inputs: torch.Tensor):
         weights = carry_and_inputs[:num_weights]
@@ -238,9 +238,7 @@ def _ttt_chunk(
             grads = tuple(torch.zeros_like(w) for w in weights)
         return (*weights, *grads, torch.stack(outputs))
 
-    weights0 = tuple(w.reshape(rows, *w.shape[2:]) for w in state.weights)
-    grads0 = tuple(g.reshape(rows, *g.shape[2:]) for g in state.grads)
-    carry = (*weights0, *grads0)
+    carry = (*_pack(layer_type, state.weights, rows), *_pack(layer_type, state.grads, rows))
     grads_are_zero = not has_pending
     group = checkpoint_group if (checkpoint_group > 0 and torch.is_grad_enabled()) else num_mini_batches
     z_bars = []
@@ -261,8 +259,8 @@ def _ttt_chunk(
     out = out.view(num_mini_batches, batch, heads, mini_batch_size, head_dim).movedim(0, 2)
     out = _from_frame(out.reshape(batch, heads, frame.length, head_dim), frame, seq_len)
 
-    new_weights = tuple(c.view(batch, heads, *c.shape[1:]) for c in carry[:num_weights])
-    new_grads = tuple(c.view(batch, heads, *c.shape[1:]) for c in carry[num_weights:])
+    new_weights = _unpack(layer_type, carry[:num_weights], batch, heads)
+    new_grads = _unpack(layer_type, carry[num_weights:], batch, heads)
     count = num_tokens if num_tokens is not None else torch.full_like(state.seen, seq_len)
     return out, InnerState(new_weights, new_grads, state.seen + count)
 
@@ -306,9 +304,9 @@ def _ttt_within_mini_batch(
     inputs, ln_w_sq = _step_inputs(layer_type, xq_r, xk_r, xv_r, inner_lr.reshape(rows, seq_len), scale, ln_w, ln_b)
     step = _linear_step if layer_type == "linear" else _mlp_step
 
-    weights = tuple(w.reshape(rows, *w.shape[2:]) for w in state.weights)
+    weights = _pack(layer_type, state.weights, rows)
     # G is zero for rows at a mini-batch boundary (the invariant of InnerState): skip it when all rows are there.
-    grads = tuple(g.reshape(rows, *g.shape[2:]) for g in state.grads) if any(shifts) else None
+    grads = _pack(layer_type, state.grads, rows) if any(shifts) else None
     z_bar, increments = step(weights, grads, inputs, scale, ln_w_sq)
     summed = increments if grads is None else tuple(g + d for g, d in zip(grads, increments))
 
@@ -324,10 +322,25 @@ def _ttt_within_mini_batch(
     out = (xq_r + layer_norm(z_bar, ln_w, ln_b)).view(batch, heads, seq_len, head_dim)  # output rule (Sec. 2.7)
     if num_tokens is not None:
         out = out * real.unsqueeze(-1).to(out.dtype)
-    new_weights = tuple(w.view(batch, heads, *w.shape[1:]) for w in weights)
-    new_grads = tuple(g.view(batch, heads, *g.shape[1:]) for g in grads)
+    new_weights = _unpack(layer_type, weights, batch, heads)
+    new_grads = _unpack(layer_type, grads, batch, heads)
     seen = state.seen + (num_tokens if num_tokens is not None else seq_len)
     return out, InnerState(new_weights, new_grads, seen)
+
+
+def _pack(layer_type: str, tensors: tuple[torch.Tensor, ...], rows: int) -> tuple[torch.Tensor, ...]:
+    """State tensors `[B, H, ...]` in the loop's `[B·H, ...]` layout. TTT-Linear's `(W, b)` become one `[W; b]`
+    (`[B·H, d+1, d]`: `b` is the weight of a constant-1 input feature), which halves the products per step."""
+    flat = tuple(t.reshape(rows, *t.shape[2:]) for t in tensors)
+    return (torch.cat(flat, dim=1),) if layer_type == "linear" else flat
+
+
+def _unpack(layer_type: str, tensors: tuple[torch.Tensor, ...], batch: int, heads: int) -> tuple[torch.Tensor, ...]:
+    """Inverse of `_pack`."""
+    if layer_type == "linear":
+        (w_b,) = tensors
+        tensors = (w_b[:, :-1], w_b[:, -1:])
+    return tuple(t.view(batch, heads, *t.shape[1:]) for t in tensors)
 
 
 def _per_row(param: torch.Tensor, batch: int) -> torch.Tensor:
@@ -350,15 +363,17 @@ def _step_inputs(layer_type, xq, xk, xv, lr, scale, ln_w, ln_b):
     if slots > 1:
         causal = torch.ones(slots, slots, dtype=torch.bool, device=xq.device).tril()
         eta = eta.masked_fill(~causal, 0.0)
-    lr_xk_t = (lr.unsqueeze(-1) * xk).transpose(-1, -2)  # (lr_j · x_k,j)ᵀ for the gradient sums
-    lr_row = lr.unsqueeze(-2)
     if layer_type == "linear":
         # Dual form of TTT-Linear (Sec. 2.6): x_q,i (W₀ − Σ_j η_ij x_k,jᵀ g_j) + b₀ − Σ_j η_ij g_j
         #   = x_q,i W₀ + b₀ − Σ_j η_ij (x_q,i·x_k,j + 1) g_j
         dual = eta * (xq @ xk.transpose(-1, -2) + 1.0)
-        qk = torch.cat([xk, xq], dim=-2)  # one product with W₀ gives both x_k W₀ and x_q W₀
-        return (qk, ln_target, dual, lr_xk_t, lr_row), ln_w * ln_w
-    return (xq, xk, ln_target, eta, lr_xk_t, lr_row, lr), ln_w * ln_w
+        # Inputs with a constant-1 feature, for the [W; b] layout of `_pack`; one product with [W₀; b₀] gives both
+        # x_k W₀ + b₀ and x_q W₀ + b₀.
+        qk = F.pad(torch.cat([xk, xq], dim=-2), (0, 1), value=1.0)
+        lr_xk_t = (lr.unsqueeze(-1) * qk[..., :slots, :]).transpose(-1, -2)  # (lr_j · [x_k,j, 1])ᵀ
+        return (qk, ln_target, dual, lr_xk_t), ln_w * ln_w
+    lr_xk_t = (lr.unsqueeze(-1) * xk).transpose(-1, -2)  # (lr_j · x_k,j)ᵀ for the gradient sums
+    return (xq, xk, ln_target, eta, lr_xk_t, lr.unsqueeze(-2), lr), ln_w * ln_w
 
 
 def _end_of_chunk_update(weights, summed, all_done: bool, none_done: bool, done_mask, neg_last_scale):
@@ -375,33 +390,34 @@ def _end_of_chunk_update(weights, summed, all_done: bool, none_done: bool, done_
 
 
 def _l2_grad_through_ln(z: torch.Tensor, ln_target: torch.Tensor, ln_w_sq: torch.Tensor) -> torch.Tensor:
-    """`layer_norm_l2_grad` with the token-only term `w·(b − target)` precomputed (hot loop version)."""
-    dim = z.shape[-1]
-    centered = z - z.mean(dim=-1, keepdim=True)
-    inv_std = torch.rsqrt(centered.square().mean(dim=-1, keepdim=True) + LAYER_NORM_EPS)
-    z_hat = centered * inv_std
+    """`layer_norm_l2_grad` with the token-only term `w·(b − target)` precomputed (hot loop version): ATen's fused
+    LayerNorm forward gives `ẑ`, the gradient w.r.t. `ẑ` is `w²·ẑ + w·(b − target)`, and ATen's LayerNorm backward
+    carries it to `z` (three kernels instead of a dozen). The backward's own derivative treats the saved mean and
+    1/std as functions of `z`, so they are passed detached and autograd stays exact for training."""
+    shape = (z.shape[-1],)
+    z_hat, mean, rstd = torch.native_layer_norm(z, shape, None, None, LAYER_NORM_EPS)
     grad_z_hat = torch.addcmul(ln_target, ln_w_sq, z_hat)
-    projection = (grad_z_hat * z_hat).sum(dim=-1, keepdim=True)
-    out = grad_z_hat - grad_z_hat.mean(dim=-1, keepdim=True)
-    return torch.addcmul(out, z_hat, projection, value=-1.0 / dim) * inv_std
+    return torch.ops.aten.native_layer_norm_backward(
+        grad_z_hat, z, shape, mean.detach(), rstd.detach(), None, None, (True, False, False)
+    )[0]
 
 
 def _linear_step(weights, pending, inputs, pending_scale, ln_w_sq):
-    """One mini-batch of TTT-Linear, `f(x) = x W + b`. Returns the pre-LN outputs and the gradient sums.
+    """One mini-batch of TTT-Linear, `f(x) = x W + b`, on the packed `[W; b]` (see `_pack`). Returns the pre-LN
+    outputs and the gradient sum.
 
     `pending_scale` is each slot's token scale `s_i`, broadcastable to `[BH, slots, 1]`; it only multiplies the
     pending sums `G` (the dual matrix already holds `s_i · lr_j`)."""
-    w1, b1 = weights
-    qk, ln_target, dual, lr_xk_t, lr_row = inputs
+    (w_b,) = weights
+    qk, ln_target, dual, lr_xk_t = inputs
     mini_batch_size = ln_target.shape[-2]
-    z_both = torch.baddbmm(b1, qk, w1)
+    z_both = torch.bmm(qk, w_b)
     z, z_q = z_both[:, :mini_batch_size], z_both[:, mini_batch_size:]
     grad_z = _l2_grad_through_ln(z, ln_target, ln_w_sq)  # ∇_z ℓ_j at W₀, [BH, M, d]
     z_bar = torch.baddbmm(z_q, dual, grad_z, alpha=-1.0)
     if pending is not None:  # tokens continuing a mini-batch also see the gradients already summed in G
-        xq = qk[:, mini_batch_size:]
-        z_bar = z_bar - pending_scale * torch.baddbmm(pending[1], xq, pending[0])
-    return z_bar, (lr_xk_t @ grad_z, lr_row @ grad_z)
+        z_bar = torch.baddbmm(z_bar, pending_scale * qk[:, mini_batch_size:], pending[0], alpha=-1.0)
+    return z_bar, (torch.bmm(lr_xk_t, grad_z),)
 
 
 def _mlp_step(weights, pending, inputs, pending_scale, ln_w_sq):
