@@ -19,7 +19,7 @@ class TTTCacheLayer:
     """State of one TTT block. `inner_state` is `None` until the first forward fills it."""
 
     inner_state: InnerState | None = None
-    conv_states: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B, C, K-1]
+    conv_states: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B, K-1, C]
 
     def tensors(self) -> list[torch.Tensor]:
         if self.inner_state is None:

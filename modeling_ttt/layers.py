@@ -49,35 +49,43 @@ class SwiGLUMLP(nn.Module):
 
 def causal_depthwise_conv(
     x: torch.Tensor,
-    conv: nn.Conv1d,
+    kernels: torch.Tensor,
+    biases: torch.Tensor,
     state: torch.Tensor | None,
     num_tokens: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal depthwise conv over `x` `[B, T, C]` continuing from `state` `[B, C, K-1]` (the last `K-1` inputs
-    seen; zeros for a fresh sequence, which equals flax's CAUSAL padding).
+    """`n` causal depthwise convs of the same input `x` `[B, T, C]` at once, continuing from `state` `[B, K-1, C]`
+    (the last `K-1` inputs seen; zeros for a fresh sequence, which equals flax's CAUSAL padding).
 
-    Returns the output `[B, T, C]` and the new state: the last `K-1` *real* inputs of each row, so that right
-    padding (`num_tokens`) never enters the state.
+    kernels: `[n, C, K]`; biases: `[n, C]` (the Mamba backbone's `conv_q` and `conv_k` read the same projection,
+    so they share one state and one pass). Returns the outputs `[B, T, n, C]` and the new state: the last `K-1`
+    *real* inputs of each row, so that right padding (`num_tokens`) never enters the state.
     """
     batch, seq_len, channels = x.shape
-    width = conv.kernel_size[0]
+    width = kernels.shape[-1]
     if state is None:
-        state = x.new_zeros(batch, channels, width - 1)
+        state = x.new_zeros(batch, width - 1, channels)
     # Work in [B, T, C] (no transposes): y_t = bias + Σ_k w_k · x_{t-K+1+k}, K shifted multiply-adds.
-    extended = torch.cat([state.transpose(1, 2).to(x.dtype), x], dim=1)  # [B, K-1+T, C]
-    kernel = conv.weight.view(channels, width)
+    extended = torch.cat([state.to(x.dtype), x], dim=1)  # [B, K-1+T, C]
+    taps = kernels.permute(2, 0, 1)  # [K, n, C]
     if seq_len == 1 and num_tokens is None:  # decoding: one window, one product and one sum
-        y = torch.sum(extended * kernel.t(), dim=1, keepdim=True) + conv.bias
-        return y, extended[:, 1:].transpose(1, 2)
-    y = torch.addcmul(conv.bias, extended[:, :seq_len], kernel[:, 0])
+        y = torch.sum(extended.unsqueeze(2) * taps, dim=1, keepdim=True) + biases
+        return y, extended[:, 1:]
+    windows = extended.unsqueeze(2)  # [B, K-1+T, 1, C]
+    y = torch.addcmul(biases, windows[:, :seq_len], taps[0])
     for k in range(1, width):
-        y = torch.addcmul(y, extended[:, k : k + seq_len], kernel[:, k])
+        y = torch.addcmul(y, windows[:, k : k + seq_len], taps[k])
     if num_tokens is None:
-        new_state = extended[:, seq_len:]
-    else:
-        index = num_tokens.view(batch, 1, 1) + torch.arange(width - 1, device=x.device).view(1, -1, 1)
-        new_state = torch.gather(extended, 1, index.expand(batch, width - 1, channels))
-    return y, new_state.transpose(1, 2)
+        return y, extended[:, seq_len:]
+    index = num_tokens.view(batch, 1, 1) + torch.arange(width - 1, device=x.device).view(1, -1, 1)
+    return y, torch.gather(extended, 1, index.expand(batch, width - 1, channels))
+
+
+def _conv_parameters(*convs: nn.Conv1d) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(kernels [n, C, K], biases [n, C])` of depthwise `nn.Conv1d`s, for `causal_depthwise_conv`."""
+    if len(convs) == 1:
+        return convs[0].weight.transpose(0, 1), convs[0].bias.unsqueeze(0)
+    return torch.stack([c.weight.squeeze(1) for c in convs]), torch.stack([c.bias for c in convs])
 
 
 class TTTConvBlock(nn.Module):
@@ -91,30 +99,26 @@ class TTTConvBlock(nn.Module):
 
     def forward(self, hidden_states, layer_state=None, num_tokens=None):
         state = layer_state.conv_states.get("pre_conv") if layer_state is not None else None
-        out, new_state = causal_depthwise_conv(self.norm(hidden_states), self.conv, state, num_tokens)
+        out, new_state = causal_depthwise_conv(self.norm(hidden_states), *_conv_parameters(self.conv), state,
+                                               num_tokens)
         if layer_state is not None:
             layer_state.conv_states["pre_conv"] = new_state
-        return out
+        return out.squeeze(2)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on adjacent pairs `(2j, 2j+1)`, as the JAX code does (no q/k permutation needed).
+    """RoPE on adjacent pairs `(2j, 2j+1)`, as the JAX code does (no q/k permutation needed):
+    `(x_2j, x_2j+1) ↦ (x_2j·c_j − x_2j+1·s_j, x_2j+1·c_j + x_2j·s_j)`.
 
-    x: `[B, H, T, d]`; cos/sin: `[B, 1, T, d/2]`."""
+    x: `[..., d]`; cos/sin: `[..., d/2]`, broadcast against `x`'s leading axes. In float32/float64 this is one
+    complex product per pair (`(x_2j + i·x_2j+1)·e^{iθ_j}`); other dtypes use the real formula."""
     pairs = x.unflatten(-1, (-1, 2))
+    if x.dtype in (torch.float32, torch.float64) and pairs.stride(-1) == 1 and pairs.stride(-2) == 2:
+        rotated = torch.view_as_complex(pairs) * torch.complex(cos.to(x.dtype), sin.to(x.dtype))
+        return torch.view_as_real(rotated).flatten(-2)
     even, odd = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
     return rotated.flatten(-2)
-
-
-def apply_rotary_interleaved(x: torch.Tensor, cos_pairs: torch.Tensor, signed_sin_pairs: torch.Tensor) -> torch.Tensor:
-    """[`apply_rotary`] with the tables laid out per channel (four kernels instead of seven; bit-identical):
-    `cos_pairs = (c_j, c_j)` and `signed_sin_pairs = (−s_j, s_j)` for pair `j`, so that
-    `(x_2j, x_2j+1) ↦ (x_2j·c_j − x_2j+1·s_j, x_2j+1·c_j + x_2j·s_j)` is `x · cos + swap(x) · sin`.
-
-    x: `[B, H, T, d]`; tables: `[B, 1, T, d]`."""
-    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    return x * cos_pairs + swapped * signed_sin_pairs
 
 
 class TTTLayerBase(nn.Module):
@@ -169,9 +173,6 @@ class TTTLayerBase(nn.Module):
             "token_idx": 1.0 / torch.arange(1, mini_batch_size + 1, dtype=torch.float32),
             "rope_cos": angles.cos(),
             "rope_sin": angles.sin(),
-            # the same tables per channel, for `apply_rotary_interleaved`: (c_j, c_j) and (−s_j, s_j)
-            "rope_cos_pairs": angles.cos().repeat_interleave(2, dim=-1),
-            "rope_signed_sin_pairs": torch.stack((-angles.sin(), angles.sin()), dim=-1).flatten(-2),
         }
 
     # -- pieces ------------------------------------------------------------------------------------------------
@@ -188,18 +189,18 @@ class TTTLayerBase(nn.Module):
                           self.learnable_ttt_lr_bias.view(self.num_heads))
         return (self.config.ttt_base_lr / self.head_dim) * torch.sigmoid(logits).transpose(1, 2)
 
-    def project_qkv(self, x, layer_state, num_tokens):
+    def project_qk(self, x, layer_state, num_tokens) -> torch.Tensor:
+        """Q and K stacked, `[B, T, 2, C]` (one RoPE pass serves both)."""
         if not self.share_qk:
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        shared = self.q_proj(x)
+            return torch.stack((self.q_proj(x), self.k_proj(x)), dim=2)
+        # One projection, told apart by conv_q and conv_k; both convs read it, so they share one state.
         conv_states = layer_state.conv_states if layer_state is not None else {}
-        xq, state_q = causal_depthwise_conv(shared, self.conv_q, conv_states.get("conv_q"), num_tokens)
-        xk, state_k = causal_depthwise_conv(shared, self.conv_k, conv_states.get("conv_k"), num_tokens)
-        if layer_state is not None:
-            conv_states["conv_q"], conv_states["conv_k"] = state_q, state_k
-        return xq, xk, self.v_proj(x)
+        qk, conv_states["qk"] = causal_depthwise_conv(self.q_proj(x), *_conv_parameters(self.conv_q, self.conv_k),
+                                                      conv_states.get("qk"), num_tokens)
+        return qk
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, C] -> [B, H, T, d]"""
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
     def run_inner_loop(self, xq, xk, xv, inner_lr, state, num_tokens):
@@ -219,18 +220,18 @@ class TTTLayerBase(nn.Module):
         else:
             state = InnerState.initial(self.inner_weights(), batch)
 
-        xq, xk, xv = self.project_qkv(hidden_states, layer_state, num_tokens)
-        xq, xk, xv = self.split_heads(xq), self.split_heads(xk), self.split_heads(xv)
-
         # RoPE at each token's position inside its mini-batch, which follows the row's own token counter
         if seq_len == 1:
             positions = (state.seen % self.mini_batch_size).unsqueeze(1)  # [B, 1]
         else:
             positions = state.seen.unsqueeze(1) + torch.arange(seq_len, device=hidden_states.device)
             positions = positions % self.mini_batch_size  # [B, T]
-        cos = self.rope_cos_pairs[positions].unsqueeze(1).to(xq.dtype)  # [B, 1, T, d]
-        sin = self.rope_signed_sin_pairs[positions].unsqueeze(1).to(xq.dtype)
-        xq, xk = apply_rotary_interleaved(xq, cos, sin), apply_rotary_interleaved(xk, cos, sin)
+        qk = self.project_qk(hidden_states, layer_state, num_tokens)
+        qk = apply_rotary(qk.unflatten(-1, (self.num_heads, self.head_dim)),
+                          self.rope_cos[positions].view(batch, seq_len, 1, 1, -1),
+                          self.rope_sin[positions].view(batch, seq_len, 1, 1, -1))  # [B, T, 2, H, d]
+        xq, xk = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2)
+        xv = self.split_heads(self.v_proj(hidden_states))
 
         inner_lr = self.inner_lr(hidden_states)
         if num_tokens is not None:

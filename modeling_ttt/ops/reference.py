@@ -182,6 +182,8 @@ def _ttt_chunk(
     batch, heads, seq_len, head_dim = xq.shape
     rows = batch * heads  # the loop works on [B·H, ...] so every product is one batched matmul
     mini_batch_size = token_scale.shape[0]
+    if batch > 0 and seq_len == 1 and num_tokens is None:  # decoding
+        return _ttt_one_token(layer_type, xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state)
     if batch > 0 and seq_len <= mini_batch_size:
         # Host-side bookkeeping (one sync): where each row's chunk ends inside its current mini-batch.
         shift = state.seen % mini_batch_size
@@ -263,6 +265,72 @@ def _ttt_chunk(
     new_grads = _unpack(layer_type, carry[num_weights:], batch, heads)
     count = num_tokens if num_tokens is not None else torch.full_like(state.seen, seq_len)
     return out, InnerState(new_weights, new_grads, state.seen + count)
+
+
+def _ttt_one_token(
+    layer_type: str,
+    xq: torch.Tensor,
+    xk: torch.Tensor,
+    xv: torch.Tensor,
+    inner_lr: torch.Tensor,
+    token_scale: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    state: InnerState,
+) -> tuple[torch.Tensor, InnerState]:
+    """`_ttt_chunk` for exactly one real token per row (decoding), in the primal form: Eq. 6/7 read literally for
+    token `t` at position `p` of its mini-batch. Its gradient at `W₀` joins the pending sum, `G ← G + lr_t·∇ℓ_t(W₀)`;
+    its weights are `W_t = W₀ − s_p·G`; when it ends its row's mini-batch (`p = M−1`), `W_t` becomes the next `W₀`
+    and `G` resets. The same numbers as the dual form with far fewer kernels, which is what decoding pays for."""
+    batch, heads, _, head_dim = xq.shape
+    rows = batch * heads
+    mini_batch_size = token_scale.shape[0]
+    position = state.seen % mini_batch_size  # [B]
+    positions = position.tolist()  # host-side bookkeeping (one sync)
+    scale = token_scale[position]
+    scale = (scale.expand(heads) if batch == 1 else scale.repeat_interleave(heads)).reshape(rows, 1, 1)  # s_p
+    xq, xk, xv = (x.reshape(rows, 1, head_dim) for x in (xq, xk, xv))
+    lr = inner_lr.reshape(rows, 1, 1)
+    ln_w, ln_b = _per_row(ln_weight, batch), _per_row(ln_bias, batch)
+    ln_target = ln_w * (ln_b - (xv - xk))  # see `_step_inputs`
+    weights = tuple(w.reshape(rows, *w.shape[2:]) for w in state.weights)
+    grads = None if not any(positions) else tuple(g.reshape(rows, *g.shape[2:]) for g in state.grads)  # G = 0
+
+    def add_to_pending(i: int, x_t: torch.Tensor, lr_grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """G_W += x_tᵀ·(lr·∇_z), G_b += lr·∇_z for the weight pair (W, b) number `i`."""
+        if grads is None:
+            return torch.bmm(x_t.transpose(1, 2), lr_grad), lr_grad
+        return torch.baddbmm(grads[2 * i], x_t.transpose(1, 2), lr_grad), grads[2 * i + 1] + lr_grad
+
+    if layer_type == "linear":
+        w1, b1 = weights
+        grad_z = _l2_grad_through_ln(torch.baddbmm(b1, xk, w1), ln_target, ln_w * ln_w)
+        new_grads = add_to_pending(0, xk, lr * grad_z)
+        current = tuple(torch.addcmul(w, g, scale, value=-1.0) for w, g in zip(weights, new_grads))  # W_t
+        z_q = torch.baddbmm(current[1], xq, current[0])
+    else:
+        w1, b1, w2, b2 = weights
+        z1 = torch.baddbmm(b1, xk, w1)
+        x2 = gelu_tanh(z1)
+        grad_z2 = _l2_grad_through_ln(torch.baddbmm(b2, x2, w2), ln_target, ln_w * ln_w)
+        grad_z1 = torch.bmm(grad_z2, w2.transpose(1, 2)) * gelu_tanh_grad(z1)
+        new_grads = (*add_to_pending(0, xk, lr * grad_z1), *add_to_pending(1, x2, lr * grad_z2))
+        current = tuple(torch.addcmul(w, g, scale, value=-1.0) for w, g in zip(weights, new_grads))
+        z_q = torch.baddbmm(current[3], gelu_tanh(torch.baddbmm(current[1], xq, current[0])), current[2])
+    out = xq + layer_norm(z_q, ln_w, ln_b)  # output rule (Sec. 2.7)
+
+    completes = [p == mini_batch_size - 1 for p in positions]
+    if all(completes):
+        weights, grads = current, tuple(torch.zeros_like(g) for g in new_grads)
+    elif not any(completes):
+        grads = new_grads
+    else:
+        done = torch.tensor(completes, device=xq.device).repeat_interleave(heads).view(rows, 1, 1)
+        weights = tuple(torch.where(done, c, w) for c, w in zip(current, weights))
+        grads = tuple(torch.where(done, torch.zeros_like(g), g) for g in new_grads)
+    new_weights = tuple(w.view(batch, heads, *w.shape[1:]) for w in weights)
+    new_grads = tuple(g.view(batch, heads, *g.shape[1:]) for g in grads)
+    return out.view(batch, heads, 1, head_dim), InnerState(new_weights, new_grads, state.seen + 1)
 
 
 def _ttt_within_mini_batch(
