@@ -66,7 +66,7 @@ def causal_depthwise_conv(
     if state is None:
         state = x.new_zeros(batch, width - 1, channels)
     # Work in [B, T, C] (no transposes): y_t = bias + Σ_k w_k · x_{t-K+1+k}, K shifted multiply-adds.
-    extended = torch.cat([state.to(x.dtype), x], dim=1)  # [B, K-1+T, C]
+    extended = torch.cat([state if state.dtype == x.dtype else state.to(x.dtype), x], dim=1)  # [B, K-1+T, C]
     taps = kernels.permute(2, 0, 1)  # [K, n, C]
     if seq_len == 1 and num_tokens is None:  # decoding: one window, one product and one sum
         y = torch.sum(extended.unsqueeze(2) * taps, dim=1, keepdim=True) + biases
@@ -106,19 +106,20 @@ class TTTConvBlock(nn.Module):
         return out.squeeze(2)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """RoPE on adjacent pairs `(2j, 2j+1)`, as the JAX code does (no q/k permutation needed):
     `(x_2j, x_2j+1) ↦ (x_2j·c_j − x_2j+1·s_j, x_2j+1·c_j + x_2j·s_j)`.
 
-    x: `[..., d]`; cos/sin: `[..., d/2]`, broadcast against `x`'s leading axes. In float32/float64 this is one
-    complex product per pair (`(x_2j + i·x_2j+1)·e^{iθ_j}`); other dtypes use the real formula."""
+    x: `[..., d]`; rotation: `[..., d/2, 2]` holding `(c_j, s_j) = (cos θ_j, sin θ_j)`, broadcast against `x`'s
+    leading axes. In float32/float64 this is one complex product per pair, `(x_2j + i·x_2j+1)·e^{iθ_j}`."""
     pairs = x.unflatten(-1, (-1, 2))
+    if rotation.dtype != x.dtype:
+        rotation = rotation.to(x.dtype)
     if x.dtype in (torch.float32, torch.float64) and pairs.stride(-1) == 1 and pairs.stride(-2) == 2:
-        rotated = torch.view_as_complex(pairs) * torch.complex(cos.to(x.dtype), sin.to(x.dtype))
-        return torch.view_as_real(rotated).flatten(-2)
+        return torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(rotation)).flatten(-2)
     even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2)
+    cos, sin = rotation[..., 0], rotation[..., 1]
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
 
 
 class TTTLayerBase(nn.Module):
@@ -171,8 +172,7 @@ class TTTLayerBase(nn.Module):
         angles = torch.arange(mini_batch_size, dtype=torch.float32).unsqueeze(1) * inv_freq  # [M, d/2]
         return {
             "token_idx": 1.0 / torch.arange(1, mini_batch_size + 1, dtype=torch.float32),
-            "rope_cos": angles.cos(),
-            "rope_sin": angles.sin(),
+            "rope_rotation": torch.stack((angles.cos(), angles.sin()), dim=-1),  # [M, d/2, 2]
         }
 
     # -- pieces ------------------------------------------------------------------------------------------------
@@ -227,9 +227,8 @@ class TTTLayerBase(nn.Module):
             positions = state.seen.unsqueeze(1) + torch.arange(seq_len, device=hidden_states.device)
             positions = positions % self.mini_batch_size  # [B, T]
         qk = self.project_qk(hidden_states, layer_state, num_tokens)
-        qk = apply_rotary(qk.unflatten(-1, (self.num_heads, self.head_dim)),
-                          self.rope_cos[positions].view(batch, seq_len, 1, 1, -1),
-                          self.rope_sin[positions].view(batch, seq_len, 1, 1, -1))  # [B, T, 2, H, d]
+        rotation = self.rope_rotation[positions].view(batch, seq_len, 1, 1, self.head_dim // 2, 2)
+        qk = apply_rotary(qk.unflatten(-1, (self.num_heads, self.head_dim)), rotation)  # [B, T, 2, H, d]
         xq, xk = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2)
         xv = self.split_heads(self.v_proj(hidden_states))
 
