@@ -139,3 +139,27 @@ def test_bad_shapes_are_named():
         ttt_mlp(**problem, state=state)
     with pytest.raises(ValueError, match="num_tokens"):
         ttt_linear(**problem, state=state, num_tokens=torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("layer_type", ["linear", "mlp"])
+@pytest.mark.parametrize("start", [0, 5])
+def test_inference_mode_matches_the_primal_form_and_leaves_inputs_alone(layer_type, start):
+    """Without autograd the loop updates its own weight buffer in place: same numbers, and neither the state
+    passed in nor the initial weights it was expanded from change (calling twice gives the same)."""
+    problem, weights = make_problem(layer_type)
+    originals = [w.clone() for w in weights]
+    state = InnerState.initial(weights, 3)
+    if start:
+        _, state = OPS[layer_type](**sliced(problem, 0, start), state=state)
+    before = [t.clone() for t in (*state.weights, *state.grads)]
+    expected, expected_state = ttt_sequential(layer_type, **sliced(problem, start, 37), state=state)
+    with torch.inference_mode():
+        out, new_state = OPS[layer_type](**sliced(problem, start, 37), state=state)
+        again, _ = OPS[layer_type](**sliced(problem, start, 37), state=state)
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
+    assert_states_close(new_state, expected_state)
+    assert torch.equal(again, out)
+    for kept, now in zip(before, (*state.weights, *state.grads)):
+        assert torch.equal(kept, now)
+    for kept, now in zip(originals, weights):
+        assert torch.equal(kept, now)

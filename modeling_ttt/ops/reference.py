@@ -198,17 +198,18 @@ def _ttt_chunk(
     num_mini_batches = frame.length // mini_batch_size
 
     def to_steps(x: torch.Tensor) -> torch.Tensor:
-        """[B, H, T, *] -> contiguous [K, B·H, M, *]: one copy, then every step reads a contiguous slice."""
-        x = _to_frame(x, frame)
-        x = x.reshape(batch, heads, num_mini_batches, mini_batch_size, *x.shape[3:]).movedim(2, 0)
-        return x.reshape(num_mini_batches, rows, mini_batch_size, *x.shape[4:])
+        """[B, H, T, *] -> [K, B, H, M, *], a view where the frame allows (the step inputs below are built from
+        it in one pass each, already in step-major order)."""
+        return _to_frame(x, frame).unflatten(2, (num_mini_batches, mini_batch_size)).movedim(2, 0)
 
-    xq_s, xk_s, xv_s = to_steps(xq), to_steps(xk), to_steps(xv)
-    lr_s = to_steps(inner_lr)  # [K, BH, M]; zero at unused slots
-    ln_w, ln_b = _per_row(ln_weight, batch), _per_row(ln_bias, batch)
+    lr_s = to_steps(inner_lr)  # [K, B, H, M]; zero at unused slots
     pending_scale = token_scale.view(-1, 1)  # [M, 1]: slot i of every row sits at position i
     # Everything that does not depend on the inner weights is computed for all mini-batches at once.
-    per_step, ln_w_sq = _step_inputs(layer_type, xq_s, xk_s, xv_s, lr_s, pending_scale, ln_w, ln_b)
+    per_step, _ = _step_inputs(layer_type, to_steps(xq), to_steps(xk), to_steps(xv), lr_s, pending_scale,
+                               ln_weight.unsqueeze(1), ln_bias.unsqueeze(1))
+    per_step = tuple(x.flatten(1, 2) for x in per_step)  # [K, B·H, ...]: step k reads slice k
+    ln_w, ln_b = _per_row(ln_weight, batch), _per_row(ln_bias, batch)
+    ln_w_sq = ln_w * ln_w
 
     # Per mini-batch: does each row finish it (then W₀ takes the step and G resets)?
     completes = (torch.arange(1, num_mini_batches + 1, device=xq.device).unsqueeze(1) * mini_batch_size
@@ -223,22 +224,35 @@ def _ttt_chunk(
     step = _linear_step if layer_type == "linear" else _mlp_step
     num_weights = 1 if layer_type == "linear" else 4  # TTT-Linear's loop works on [W; b] (see `_pack`)
 
+    # Inference with TTT-Linear: the packed [W; b] is this call's own buffer (`_pack` concatenates), so whole
+    # mini-batches update it in place and write their outputs into one preallocated tensor. This skips two large
+    # allocations per step, which cost more than the arithmetic at these sizes.
+    in_place = layer_type == "linear" and not torch.is_grad_enabled()
+    neg_last = float(neg_last_scale) if in_place else None
+
     def run_steps(first: int, stop: int, grads_are_zero: bool, *carry_and_inputs: torch.Tensor):
         weights = carry_and_inputs[:num_weights]
         grads = None if grads_are_zero else carry_and_inputs[num_weights : 2 * num_weights]
         inputs = carry_and_inputs[2 * num_weights :]
-        outputs = []
+        outputs = torch.empty(stop - first, rows, mini_batch_size, head_dim, dtype=xq.dtype, device=xq.device) \
+            if in_place else []
         for k in range(first, stop):
             step_inputs = tuple(x[k - first] for x in inputs)
             pending = grads if (k == 0 and has_pending) else None
+            if in_place and grads is None and pending is None and all_complete[k]:
+                _linear_dual(weights[0], step_inputs, ln_w_sq, out=outputs[k - first], update_alpha=neg_last)
+                continue
             z_bar, increments = step(weights, pending, step_inputs, pending_scale, ln_w_sq)
-            outputs.append(z_bar)
+            if in_place:
+                outputs[k - first] = z_bar
+            else:
+                outputs.append(z_bar)
             summed = increments if grads is None else tuple(g + d for g, d in zip(grads, increments))
             weights, grads = _end_of_chunk_update(weights, summed, all_complete[k], none_complete[k],
                                                   lambda: row_completes[k], neg_last_scale)
         if grads is None:
             grads = tuple(torch.zeros_like(w) for w in weights)
-        return (*weights, *grads, torch.stack(outputs))
+        return (*weights, *grads, outputs if in_place else torch.stack(outputs))
 
     carry = (*_pack(layer_type, state.weights, rows), *_pack(layer_type, state.grads, rows))
     grads_are_zero = not has_pending
@@ -257,6 +271,7 @@ def _ttt_chunk(
     z_bar = torch.cat(z_bars) if len(z_bars) > 1 else z_bars[0]  # [K, BH, M, d]
 
     # Output rule (Sec. 2.7): residual x_q + LN(f(x_q; W_i)), LayerNorm batched over the whole chunk.
+    xq_s = per_step[1][..., :head_dim] if layer_type == "linear" else per_step[0]
     out = xq_s + layer_norm(z_bar, ln_w, ln_b)
     out = out.view(num_mini_batches, batch, heads, mini_batch_size, head_dim).movedim(0, 2)
     out = _from_frame(out.reshape(batch, heads, frame.length, head_dim), frame, seq_len)
@@ -425,7 +440,7 @@ def _step_inputs(layer_type, xq, xk, xv, lr, scale, ln_w, ln_b):
     Returns the step's input tuple and `w²` of the inner LayerNorm."""
     slots = xq.shape[-2]
     # LN(z)·w + b − target, times w, is w²·ẑ + w·(b − target): the second term is fixed per token.
-    ln_target = ln_w * (ln_b - (xv - xk))  # target = x_v − x_k (Sec. 2.3)
+    ln_target = torch.addcmul(ln_w * ln_b, ln_w, xk - xv)  # target = x_v − x_k (Sec. 2.3)
     # eta[i, j] = s_i · lr_j for j ≤ i: the weight of token j's gradient in token i's weights (Eq. 7)
     eta = scale * lr.unsqueeze(-2)  # [..., slots, slots]
     if slots > 1:
@@ -434,12 +449,12 @@ def _step_inputs(layer_type, xq, xk, xv, lr, scale, ln_w, ln_b):
     if layer_type == "linear":
         # Dual form of TTT-Linear (Sec. 2.6): x_q,i (W₀ − Σ_j η_ij x_k,jᵀ g_j) + b₀ − Σ_j η_ij g_j
         #   = x_q,i W₀ + b₀ − Σ_j η_ij (x_q,i·x_k,j + 1) g_j
-        dual = eta * (xq @ xk.transpose(-1, -2) + 1.0)
-        # Inputs with a constant-1 feature, for the [W; b] layout of `_pack`; one product with [W₀; b₀] gives both
-        # x_k W₀ + b₀ and x_q W₀ + b₀.
-        qk = F.pad(torch.cat([xk, xq], dim=-2), (0, 1), value=1.0)
-        lr_xk_t = (lr.unsqueeze(-1) * qk[..., :slots, :]).transpose(-1, -2)  # (lr_j · [x_k,j, 1])ᵀ
-        return (qk, ln_target, dual, lr_xk_t), ln_w * ln_w
+        # Inputs with a constant-1 feature for the [W; b] layout of `_pack`: [x, 1]·[W; b] = x W + b, and
+        # [x_q, 1]·[x_k, 1] = x_q·x_k + 1, the dual form's factor.
+        xk_1, xq_1 = F.pad(xk, (0, 1), value=1.0), F.pad(xq, (0, 1), value=1.0)
+        dual = eta * (xq_1 @ xk_1.transpose(-1, -2))
+        lr_xk_t = (lr.unsqueeze(-1) * xk_1).transpose(-1, -2)  # (lr_j · [x_k,j, 1])ᵀ
+        return (xk_1, xq_1, ln_target, dual, lr_xk_t), ln_w * ln_w
     lr_xk_t = (lr.unsqueeze(-1) * xk).transpose(-1, -2)  # (lr_j · x_k,j)ᵀ for the gradient sums
     return (xq, xk, ln_target, eta, lr_xk_t, lr.unsqueeze(-2), lr), ln_w * ln_w
 
@@ -477,15 +492,23 @@ def _linear_step(weights, pending, inputs, pending_scale, ln_w_sq):
     `pending_scale` is each slot's token scale `s_i`, broadcastable to `[BH, slots, 1]`; it only multiplies the
     pending sums `G` (the dual matrix already holds `s_i · lr_j`)."""
     (w_b,) = weights
-    qk, ln_target, dual, lr_xk_t = inputs
-    mini_batch_size = ln_target.shape[-2]
-    z_both = torch.bmm(qk, w_b)
-    z, z_q = z_both[:, :mini_batch_size], z_both[:, mini_batch_size:]
-    grad_z = _l2_grad_through_ln(z, ln_target, ln_w_sq)  # ∇_z ℓ_j at W₀, [BH, M, d]
-    z_bar = torch.baddbmm(z_q, dual, grad_z, alpha=-1.0)
+    z_bar, grad_z = _linear_dual(w_b, inputs, ln_w_sq)
     if pending is not None:  # tokens continuing a mini-batch also see the gradients already summed in G
-        z_bar = torch.baddbmm(z_bar, pending_scale * qk[:, mini_batch_size:], pending[0], alpha=-1.0)
-    return z_bar, (torch.bmm(lr_xk_t, grad_z),)
+        z_bar = torch.baddbmm(z_bar, pending_scale * inputs[1], pending[0], alpha=-1.0)
+    return z_bar, (torch.bmm(inputs[4], grad_z),)
+
+
+def _linear_dual(w_b, inputs, ln_w_sq, out=None, update_alpha=None):
+    """The dual-form core of a TTT-Linear step: gradients `∇_z ℓ_j` at `W₀` and outputs `z̄`. With `update_alpha`
+    (inference only) it also applies the end-of-mini-batch step `W₀ += alpha · Σ_j (lr_j [x_k,j, 1])ᵀ ∇_z ℓ_j` in
+    place, writes `z̄` into `out`, and returns nothing."""
+    xk_1, xq_1, ln_target, dual, lr_xk_t = inputs
+    grad_z = _l2_grad_through_ln(torch.bmm(xk_1, w_b), ln_target, ln_w_sq)  # ∇_z ℓ_j at W₀, [BH, M, d]
+    if update_alpha is None:
+        return torch.baddbmm(torch.bmm(xq_1, w_b), dual, grad_z, alpha=-1.0), grad_z
+    torch.baddbmm(torch.bmm(xq_1, w_b), dual, grad_z, alpha=-1.0, out=out)
+    w_b.baddbmm_(lr_xk_t, grad_z, alpha=update_alpha)
+    return None
 
 
 def _mlp_step(weights, pending, inputs, pending_scale, ln_w_sq):
