@@ -22,8 +22,14 @@ Rows of a batch may sit at different positions inside their mini-batch (differen
 real tokens than the chunk (right padding, `num_tokens`). Both are handled by laying every row out in an
 "aligned frame" whose mini-batches start at multiples of `M`: row `b` is shifted right by `seen_b mod M`;
 the unused slots carry zero inputs and zero learning rate, so they change nothing. A chunk that ends inside every
-row's current mini-batch (decoding one token, a short prompt) skips the frame: the same step is applied to its
-`T` slots directly, each with the token scale of its own position (`_ttt_within_mini_batch`).
+row's current mini-batch (a short prompt) skips the frame: the same step is applied to its `T` slots directly, each
+with the token scale of its own position (`_ttt_within_mini_batch`); one token per row (decoding) takes the primal
+form directly (`_ttt_one_token`).
+
+Speed notes (CPU, where this file is what runs): TTT-Linear's loop works on `[W; b]` with a constant-1 input
+feature, so each mini-batch is seven kernels (two products with `W₀`, the LayerNorm-l2 gradient as ATen's LayerNorm
+forward and backward, the dual correction, the weight update); everything independent of the inner weights is
+computed for all mini-batches before the loop; without autograd the weight update happens in place.
 """
 
 from __future__ import annotations
@@ -363,8 +369,8 @@ def _ttt_within_mini_batch(
     shifts: list[int],
     ends: list[int],
 ) -> tuple[torch.Tensor, InnerState]:
-    """`_ttt_chunk` for a chunk that stays inside every row's current mini-batch (`shift_b + count_b ≤ M`), the
-    decoding case. The same rule (Eq. 6/7 with the pending sums `G`) and the same step functions, applied to the
+    """`_ttt_chunk` for a chunk that stays inside every row's current mini-batch (`shift_b + count_b ≤ M`): short
+    prompts, chunked prefill, padded single tokens. The same rule (Eq. 6/7 with the pending sums `G`) and the same step functions, applied to the
     chunk's `T` slots directly instead of an aligned frame of `M` slots: token `i` of row `b` sits at position
     `shift_b + i` of its mini-batch, so it carries its own scale `s_{shift_b + i}`.
 
