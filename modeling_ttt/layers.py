@@ -115,7 +115,8 @@ def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     pairs = x.unflatten(-1, (-1, 2))
     if rotation.dtype != x.dtype:
         rotation = rotation.to(x.dtype)
-    if x.dtype in (torch.float32, torch.float64) and pairs.stride(-1) == 1 and pairs.stride(-2) == 2:
+    complex_ok = pairs.stride(-1) == 1 and pairs.stride(-2) == 2 and pairs.storage_offset() % 2 == 0
+    if x.dtype in (torch.float32, torch.float64) and complex_ok:
         return torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(rotation)).flatten(-2)
     even, odd = pairs[..., 0], pairs[..., 1]
     cos, sin = rotation[..., 0], rotation[..., 1]

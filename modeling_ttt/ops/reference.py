@@ -246,7 +246,9 @@ def _ttt_chunk(
             step_inputs = tuple(x[k - first] for x in inputs)
             pending = grads if (k == 0 and has_pending) else None
             if in_place and grads is None and pending is None and all_complete[k]:
-                _linear_dual(weights[0], step_inputs, ln_w_sq, out=outputs[k - first], update_alpha=neg_last)
+                # W₀ ← W₀ − s_last · Σ_j (lr_j [x_k,j, 1])ᵀ ∇_z ℓ_j, in place
+                _, grad_z = _linear_dual(weights[0], step_inputs, ln_w_sq, out=outputs[k - first])
+                weights[0].baddbmm_(step_inputs[4], grad_z, alpha=neg_last)
                 continue
             z_bar, increments = step(weights, pending, step_inputs, pending_scale, ln_w_sq)
             if in_place:
@@ -308,12 +310,11 @@ def _ttt_one_token(
     mini_batch_size = token_scale.shape[0]
     position = state.seen % mini_batch_size  # [B]
     positions = position.tolist()  # host-side bookkeeping (one sync)
-    scale = token_scale[position]
-    scale = (scale.expand(heads) if batch == 1 else scale.repeat_interleave(heads)).reshape(rows, 1, 1)  # s_p
+    scale = token_scale[position].view(batch, 1).expand(batch, heads).reshape(rows, 1, 1)  # s_p per row
     xq, xk, xv = (x.reshape(rows, 1, head_dim) for x in (xq, xk, xv))
     lr = inner_lr.reshape(rows, 1, 1)
     ln_w, ln_b = _per_row(ln_weight, batch), _per_row(ln_bias, batch)
-    ln_target = ln_w * (ln_b - (xv - xk))  # see `_step_inputs`
+    ln_target = _ln_target(xk, xv, ln_w, ln_b)
     weights = tuple(w.reshape(rows, *w.shape[2:]) for w in state.weights)
     grads = None if not any(positions) else tuple(g.reshape(rows, *g.shape[2:]) for g in state.grads)  # G = 0
 
@@ -370,9 +371,9 @@ def _ttt_within_mini_batch(
     ends: list[int],
 ) -> tuple[torch.Tensor, InnerState]:
     """`_ttt_chunk` for a chunk that stays inside every row's current mini-batch (`shift_b + count_b ≤ M`): short
-    prompts, chunked prefill, padded single tokens. The same rule (Eq. 6/7 with the pending sums `G`) and the same step functions, applied to the
-    chunk's `T` slots directly instead of an aligned frame of `M` slots: token `i` of row `b` sits at position
-    `shift_b + i` of its mini-batch, so it carries its own scale `s_{shift_b + i}`.
+    prompts, chunked prefill, padded single tokens. The same rule (Eq. 6/7 with the pending sums `G`) and the same
+    step functions, applied to the chunk's `T` slots directly instead of an aligned frame of `M` slots: token `i`
+    of row `b` sits at position `shift_b + i` of its mini-batch, so it carries its own scale `s_{shift_b + i}`.
 
     `shift` is `seen mod M` (`[B]`); `shifts` and `ends` (`shift + tokens` per row) are the same on the host."""
     batch, heads, seq_len, head_dim = xq.shape
@@ -440,13 +441,18 @@ def _per_row(param: torch.Tensor, batch: int) -> torch.Tensor:
     return param.repeat(batch, 1).view(batch * heads, 1, dim)
 
 
+def _ln_target(xk, xv, ln_w, ln_b):
+    """`w·(b − target)` with target `x_v − x_k` (Sec. 2.3): LN(z)·w + b − target, times w, is w²·ẑ + w·(b − target),
+    and this second term is fixed per token, so it is computed once outside the loop."""
+    return torch.addcmul(ln_w * ln_b, ln_w, xk - xv)
+
+
 def _step_inputs(layer_type, xq, xk, xv, lr, scale, ln_w, ln_b):
     """Everything a step needs that does not depend on the inner weights, for `[..., B·H, slots, d]` inputs
     (`lr`: `[..., B·H, slots]`; `scale`: each slot's token scale `s_i`, broadcastable to `[..., slots, 1]`).
     Returns the step's input tuple and `w²` of the inner LayerNorm."""
     slots = xq.shape[-2]
-    # LN(z)·w + b − target, times w, is w²·ẑ + w·(b − target): the second term is fixed per token.
-    ln_target = torch.addcmul(ln_w * ln_b, ln_w, xk - xv)  # target = x_v − x_k (Sec. 2.3)
+    ln_target = _ln_target(xk, xv, ln_w, ln_b)
     # eta[i, j] = s_i · lr_j for j ≤ i: the weight of token j's gradient in token i's weights (Eq. 7)
     eta = scale * lr.unsqueeze(-2)  # [..., slots, slots]
     if slots > 1:
@@ -504,17 +510,12 @@ def _linear_step(weights, pending, inputs, pending_scale, ln_w_sq):
     return z_bar, (torch.bmm(inputs[4], grad_z),)
 
 
-def _linear_dual(w_b, inputs, ln_w_sq, out=None, update_alpha=None):
-    """The dual-form core of a TTT-Linear step: gradients `∇_z ℓ_j` at `W₀` and outputs `z̄`. With `update_alpha`
-    (inference only) it also applies the end-of-mini-batch step `W₀ += alpha · Σ_j (lr_j [x_k,j, 1])ᵀ ∇_z ℓ_j` in
-    place, writes `z̄` into `out`, and returns nothing."""
-    xk_1, xq_1, ln_target, dual, lr_xk_t = inputs
+def _linear_dual(w_b, inputs, ln_w_sq, out=None):
+    """The dual-form core of a TTT-Linear step on the packed `[W₀; b₀]`: the outputs `z̄` (written into `out` when
+    given, inference only) and the gradients `∇_z ℓ_j` at `W₀`."""
+    xk_1, xq_1, ln_target, dual, _ = inputs
     grad_z = _l2_grad_through_ln(torch.bmm(xk_1, w_b), ln_target, ln_w_sq)  # ∇_z ℓ_j at W₀, [BH, M, d]
-    if update_alpha is None:
-        return torch.baddbmm(torch.bmm(xq_1, w_b), dual, grad_z, alpha=-1.0), grad_z
-    torch.baddbmm(torch.bmm(xq_1, w_b), dual, grad_z, alpha=-1.0, out=out)
-    w_b.baddbmm_(lr_xk_t, grad_z, alpha=update_alpha)
-    return None
+    return torch.baddbmm(torch.bmm(xq_1, w_b), dual, grad_z, alpha=-1.0, out=out), grad_z
 
 
 def _mlp_step(weights, pending, inputs, pending_scale, ln_w_sq):
