@@ -304,19 +304,25 @@ def _ttt_one_token(
     """`_ttt_chunk` for exactly one real token per row (decoding), in the primal form: Eq. 6/7 read literally for
     token `t` at position `p` of its mini-batch. Its gradient at `W₀` joins the pending sum, `G ← G + lr_t·∇ℓ_t(W₀)`;
     its weights are `W_t = W₀ − s_p·G`; when it ends its row's mini-batch (`p = M−1`), `W_t` becomes the next `W₀`
-    and `G` resets. The same numbers as the dual form with far fewer kernels, which is what decoding pays for."""
+    and `G` resets. The same numbers as the dual form with far fewer kernels, which is what decoding pays for.
+    Mid-mini-batch, `W_t` is never formed: `x·W_t + b_t = x·W₀ + b₀ − s_p·(x·G_W + G_b)` reads `W₀` and `G` once
+    each instead of writing and re-reading a weight-sized tensor."""
     batch, heads, _, head_dim = xq.shape
     rows = batch * heads
     mini_batch_size = token_scale.shape[0]
     position = state.seen % mini_batch_size  # [B]
     positions = position.tolist()  # host-side bookkeeping (one sync)
-    scale = token_scale[position].view(batch, 1).expand(batch, heads).reshape(rows, 1, 1)  # s_p per row
+    if all(p == positions[0] for p in positions):
+        scale = token_scale[positions[0]]  # s_p, shared by every row
+    else:
+        scale = token_scale[position].repeat_interleave(heads).view(rows, 1, 1)
     xq, xk, xv = (x.reshape(rows, 1, head_dim) for x in (xq, xk, xv))
     lr = inner_lr.reshape(rows, 1, 1)
     ln_w, ln_b = _per_row(ln_weight, batch), _per_row(ln_bias, batch)
     ln_target = _ln_target(xk, xv, ln_w, ln_b)
     weights = tuple(w.reshape(rows, *w.shape[2:]) for w in state.weights)
     grads = None if not any(positions) else tuple(g.reshape(rows, *g.shape[2:]) for g in state.grads)  # G = 0
+    completes = [p == mini_batch_size - 1 for p in positions]
 
     def add_to_pending(i: int, x_t: torch.Tensor, lr_grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """G_W += x_tᵀ·(lr·∇_z), G_b += lr·∇_z for the weight pair (W, b) number `i`."""
@@ -324,12 +330,18 @@ def _ttt_one_token(
             return torch.bmm(x_t.transpose(1, 2), lr_grad), lr_grad
         return torch.baddbmm(grads[2 * i], x_t.transpose(1, 2), lr_grad), grads[2 * i + 1] + lr_grad
 
+    def at_current(i: int, x: torch.Tensor) -> torch.Tensor:
+        """`x·W_t + b_t` for the weight pair number `i`, from `W₀` and the updated `G`."""
+        w, b, g_w, g_b = weights[2 * i], weights[2 * i + 1], new_grads[2 * i], new_grads[2 * i + 1]
+        if any(completes):  # W_t is the next state anyway
+            return torch.baddbmm(current[2 * i + 1], x, current[2 * i])
+        out = torch.baddbmm(torch.baddbmm(b, x, w), x * scale, g_w, alpha=-1.0)
+        return torch.addcmul(out, g_b, scale, value=-1.0)
+
     if layer_type == "linear":
         w1, b1 = weights
         grad_z = _l2_grad_through_ln(torch.baddbmm(b1, xk, w1), ln_target, ln_w * ln_w)
         new_grads = add_to_pending(0, xk, lr * grad_z)
-        current = tuple(torch.addcmul(w, g, scale, value=-1.0) for w, g in zip(weights, new_grads))  # W_t
-        z_q = torch.baddbmm(current[1], xq, current[0])
     else:
         w1, b1, w2, b2 = weights
         z1 = torch.baddbmm(b1, xk, w1)
@@ -337,11 +349,12 @@ def _ttt_one_token(
         grad_z2 = _l2_grad_through_ln(torch.baddbmm(b2, x2, w2), ln_target, ln_w * ln_w)
         grad_z1 = torch.bmm(grad_z2, w2.transpose(1, 2)) * gelu_tanh_grad(z1)
         new_grads = (*add_to_pending(0, xk, lr * grad_z1), *add_to_pending(1, x2, lr * grad_z2))
-        current = tuple(torch.addcmul(w, g, scale, value=-1.0) for w, g in zip(weights, new_grads))
-        z_q = torch.baddbmm(current[3], gelu_tanh(torch.baddbmm(current[1], xq, current[0])), current[2])
+    current = None
+    if any(completes):
+        current = tuple(torch.addcmul(w, g, scale, value=-1.0) for w, g in zip(weights, new_grads))  # W_t
+    z_q = at_current(0, xq) if layer_type == "linear" else at_current(1, gelu_tanh(at_current(0, xq)))
     out = xq + layer_norm(z_q, ln_w, ln_b)  # output rule (Sec. 2.7)
 
-    completes = [p == mini_batch_size - 1 for p in positions]
     if all(completes):
         weights, grads = current, tuple(torch.zeros_like(g) for g in new_grads)
     elif not any(completes):
