@@ -99,6 +99,49 @@ def test_rows_at_different_positions_with_right_padding(layer_type):
 
 
 @pytest.mark.parametrize("layer_type", ["linear", "mlp"])
+@pytest.mark.parametrize("first", [(5, 3, 0), (2, 2, 2)])
+def test_decoding_rows_at_different_positions_values_and_gradients(layer_type, first):
+    """One token per call (the decoding path) with rows at positions 5, 3 and 0 of their mini-batches, so that
+    rows end their mini-batches on different calls (or all at position 2, ending them together): values and
+    states equal the primal form row by row, and
+    gradients (through the token scale, learning rates and initial weights) equal one dual-form call over the
+    same tokens (the primal spec takes inner gradients with autograd on detached weights, so it has none)."""
+    problem, weights = make_problem(layer_type, seq_len=24)
+    weights = tuple(w.requires_grad_(True) for w in weights)
+    for key in ("inner_lr", "token_scale"):
+        problem[key].requires_grad_(True)
+    inputs = (*weights, problem["inner_lr"], problem["token_scale"])
+    first = torch.tensor(first)
+
+    def run(decode: bool):
+        chunk = sliced(problem, 0, 8)
+        chunk["inner_lr"] = chunk["inner_lr"] * (torch.arange(8).view(1, 1, 8) < first.view(3, 1, 1))
+        _, state = OPS[layer_type](**chunk, state=InnerState.initial(weights, 3), num_tokens=first)
+        start_state = state
+        if decode:
+            outs = []
+            for t in range(8, 24):
+                out, state = OPS[layer_type](**sliced(problem, t, t + 1), state=state)
+                outs.append(out)
+            out = torch.cat(outs, dim=2)
+        else:
+            out, state = OPS[layer_type](**sliced(problem, 8, 24), state=state)
+        loss = out.square().sum() + sum(w.square().sum() for w in state.weights)
+        return out, start_state, state, torch.autograd.grad(loss, inputs)
+
+    out, start_state, state, grads = run(decode=True)
+    for row in range(3):
+        with torch.no_grad():
+            ref, ref_state = ttt_sequential(layer_type, **sliced(problem, 8, 24, slice(row, row + 1)),
+                                            state=row_state(start_state, row))
+        torch.testing.assert_close(out[row : row + 1].detach(), ref, atol=1e-10, rtol=0)
+        assert_states_close(row_state(state, row), ref_state)
+    _, _, _, dual_grads = run(decode=False)
+    for a, b in zip(grads, dual_grads):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("layer_type", ["linear", "mlp"])
 def test_checkpointed_groups_give_same_values_and_gradients(layer_type):
     problem, weights = make_problem(layer_type, seq_len=40)
     weights = tuple(w.requires_grad_(True) for w in weights)
