@@ -164,6 +164,7 @@ class TTTLayerBase(nn.Module):
 
         for name, value in self.compute_buffers().items():
             self.register_buffer(name, value, persistent=False)
+        self._qk_conv_memo = None  # see qk_conv_parameters
 
     def compute_buffers(self) -> dict[str, torch.Tensor]:
         """Non-persistent buffers (recomputed, never saved): the fixed token scale 1/(i+1) and the RoPE table.
@@ -190,13 +191,26 @@ class TTTLayerBase(nn.Module):
                           self.learnable_ttt_lr_bias.view(self.num_heads))
         return (self.config.ttt_base_lr / self.head_dim) * torch.sigmoid(logits).transpose(1, 2)
 
+    def qk_conv_parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """conv_q and conv_k stacked for `causal_depthwise_conv`. Without autograd the stack is kept until one of
+        the four parameters changes (in place, replaced, or moved): when decoding, stacking them every token
+        costs about as much as the conv itself."""
+        if torch.is_grad_enabled():
+            return _conv_parameters(self.conv_q, self.conv_k)
+        params = (self.conv_q.weight, self.conv_q.bias, self.conv_k.weight, self.conv_k.bias)
+        key = tuple((id(p), p.data_ptr(), p._version) for p in params)
+        if self._qk_conv_memo is None or self._qk_conv_memo[0] != key:
+            # the memo also holds the parameters, so that their ids cannot be reused by other tensors meanwhile
+            self._qk_conv_memo = (key, _conv_parameters(self.conv_q, self.conv_k), params)
+        return self._qk_conv_memo[1]
+
     def project_qk(self, x, layer_state, num_tokens) -> torch.Tensor:
         """Q and K stacked, `[B, T, 2, C]` (one RoPE pass serves both)."""
         if not self.share_qk:
             return torch.stack((self.q_proj(x), self.k_proj(x)), dim=2)
         # One projection, told apart by conv_q and conv_k; both convs read it, so they share one state.
         conv_states = layer_state.conv_states if layer_state is not None else {}
-        qk, conv_states["qk"] = causal_depthwise_conv(self.q_proj(x), *_conv_parameters(self.conv_q, self.conv_k),
+        qk, conv_states["qk"] = causal_depthwise_conv(self.q_proj(x), *self.qk_conv_parameters(),
                                                       conv_states.get("qk"), num_tokens)
         return qk
 

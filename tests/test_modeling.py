@@ -170,3 +170,27 @@ def test_bf16_forward_runs_and_stays_close():
         reference = model(input_ids).logits
         low = model.to(torch.bfloat16)(input_ids).logits.float()
     assert (low - reference).abs().max() < 0.1
+
+
+def test_inference_follows_changes_to_the_qk_convs():
+    """Without autograd the Mamba backbone keeps conv_q/conv_k stacked between calls: changing a conv parameter
+    in place, or replacing the conv, must reach the next forward."""
+    model = tiny_model("linear", "mamba")
+    input_ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(3))
+    layer = model.model.layers[0].seq_modeling_block
+    with torch.no_grad():
+        before = model(input_ids).logits
+        layer.conv_k.weight.mul_(1.5)
+        scaled = model(input_ids).logits
+    with torch.enable_grad():
+        expected = model(input_ids).logits.detach()  # never memoised
+    torch.testing.assert_close(scaled, expected, atol=1e-6, rtol=0)
+    assert (scaled - before).abs().max() > 1e-4
+    replacement = torch.nn.Conv1d(layer.hidden_size, layer.hidden_size, kernel_size=layer.conv_q.kernel_size[0],
+                                  groups=layer.hidden_size)
+    layer.conv_q = replacement
+    with torch.inference_mode():
+        replaced = model(input_ids).logits
+    with torch.enable_grad():
+        expected = model(input_ids).logits.detach()
+    torch.testing.assert_close(replaced, expected, atol=1e-6, rtol=0)

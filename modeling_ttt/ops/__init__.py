@@ -3,6 +3,7 @@ between the reference and the fused Triton kernels (`get_ttt_ops`)."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Callable
@@ -62,6 +63,13 @@ def get_ttt_ops(impl: str, layer_type: str, device: torch.device | str, head_dim
 
     With `head_dim` given, `"auto"` also falls back to the reference for head sizes the kernels do not handle
     (`modeling_ttt.ops.triton.MAX_HEAD_DIM`); an explicit `"triton"` raises `NotImplementedError` for them."""
+    # Layers ask on every forward (decoding: every token), so answers are remembered per environment.
+    environment = (os.environ.get(TTT_IMPL_ENV), os.environ.get("TRITON_INTERPRET"))
+    return _get_ttt_ops(impl, layer_type, str(device), head_dim, environment)
+
+
+@functools.lru_cache(maxsize=64)
+def _get_ttt_ops(impl: str, layer_type: str, device: str, head_dim: int | None, environment: tuple) -> Callable:
     if layer_type not in _REFERENCE_OPS:
         raise ValueError(f"layer_type must be one of {tuple(_REFERENCE_OPS)}, got {layer_type!r}.")
     if resolve_ttt_impl(impl, device) == "torch":

@@ -327,8 +327,9 @@ def _ttt_one_token(
     def add_to_pending(i: int, x_t: torch.Tensor, lr_grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """G_W += x_tᵀ·(lr·∇_z), G_b += lr·∇_z for the weight pair (W, b) number `i`."""
         if grads is None:
-            return torch.bmm(x_t.transpose(1, 2), lr_grad), lr_grad
-        return torch.baddbmm(grads[2 * i], x_t.transpose(1, 2), lr_grad), grads[2 * i + 1] + lr_grad
+            return x_t.transpose(1, 2) * lr_grad, lr_grad
+        # a rank-1 update: one elementwise pass (a matmul with an inner size of 1 is slower)
+        return torch.addcmul(grads[2 * i], x_t.transpose(1, 2), lr_grad), grads[2 * i + 1] + lr_grad
 
     def at_current(i: int, x: torch.Tensor) -> torch.Tensor:
         """`x·W_t + b_t` for the weight pair number `i`, from `W₀` and the updated `G`."""
