@@ -15,7 +15,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 TTT_LAYER_TYPES = ("linear", "mlp")
-TTT_IMPLEMENTATIONS = ("torch", "triton", "auto")
+TTT_IMPLEMENTATIONS = ("torch", "triton", "cpp", "auto")
 
 # Presets shipped as JSON under `configuration/` (paper Table 5 sizes).
 PRESET_NAMES = tuple(
@@ -55,9 +55,11 @@ class TTTConfig(PreTrainedConfig):
             mini-batches in the backward pass instead of storing it (0 = store everything). No effect on outputs.
         ttt_impl: implementation of the inner loop: `"torch"` (the PyTorch reference ops, any device),
             `"triton"` (fused Triton kernels; needs `triton` and a CUDA device, or `TRITON_INTERPRET=1` on CPU,
-            else an error is raised, never a silent fallback), or `"auto"` (default: Triton when the tensors are
-            on a CUDA device, `triton` is installed and head_dim ≤ 64, the reference otherwise). The environment
-            variable `TTT_IMPL` overrides this field (for benchmarking). Both give the same results up to rounding.
+            else an error is raised, never a silent fallback), `"cpp"` (a C++ CPU kernel for decoding with
+            TTT-Linear, one token per row without autograd, built on first use; the reference for everything
+            else), or `"auto"` (default: Triton when the tensors are on a CUDA device, `triton` is installed and
+            head_dim ≤ 64; "cpp" on the CPU when the kernel builds; the reference otherwise). The environment
+            variable `TTT_IMPL` overrides this field (for benchmarking). All give the same results up to rounding.
     """
 
     model_type = "ttt"

@@ -242,11 +242,18 @@ def test_default_impl_is_auto():
     assert TTTConfig().ttt_impl == "auto"
 
 
-def test_auto_and_torch_use_the_reference_on_cpu(monkeypatch):
+def test_auto_on_cpu_uses_the_cpp_decoding_kernel_when_it_builds(monkeypatch):
     monkeypatch.delenv("TTT_IMPL", raising=False)
     assert get_ttt_ops("torch", "linear", "cpu") is reference.ttt_linear
-    assert get_ttt_ops("auto", "mlp", "cpu") is reference.ttt_mlp
+    assert get_ttt_ops("auto", "mlp", "cpu") is reference.ttt_mlp  # TTT-MLP decodes with the reference
+    monkeypatch.setattr("modeling_ttt.ops._cpp_kernel_ready", lambda warn: True)
+    assert resolve_ttt_impl("auto", "cpu") == "cpp"
+    with pytest.raises(RuntimeError, match="ttt_impl='cpp' is a CPU kernel"):
+        resolve_ttt_impl("cpp", "cuda")
+    monkeypatch.setattr("modeling_ttt.ops._cpp_kernel_ready", lambda warn: False)  # e.g. no C++ compiler
     assert resolve_ttt_impl("auto", "cpu") == "torch"
+    with pytest.raises(RuntimeError, match="could not be built"):
+        resolve_ttt_impl("cpp", "cpu")
 
 
 def test_env_var_overrides_the_config(monkeypatch):

@@ -9,13 +9,15 @@ import os
 from typing import Callable
 
 import torch
+from transformers.utils import logging
 
 from .reference import InnerState, ttt_linear, ttt_mlp, ttt_sequential
 
 #: Environment variable that overrides `config.ttt_impl` (for benchmarking): "torch", "triton" or "auto".
 TTT_IMPL_ENV = "TTT_IMPL"
-_IMPLEMENTATIONS = ("torch", "triton", "auto")
+_IMPLEMENTATIONS = ("torch", "triton", "cpp", "auto")
 _REFERENCE_OPS = {"linear": ttt_linear, "mlp": ttt_mlp}
+logger = logging.get_logger(__name__)
 
 
 def triton_available() -> bool:
@@ -31,11 +33,12 @@ def _triton_interpreter_on() -> bool:
 
 
 def resolve_ttt_impl(impl: str, device: torch.device | str) -> str:
-    """`"torch"` or `"triton"` for a requested implementation on `device`.
+    """`"torch"`, `"triton"` or `"cpp"` for a requested implementation on `device`.
 
     The `TTT_IMPL` environment variable, when set, replaces `impl`. `"auto"` picks Triton when the tensors are on
-    a CUDA device and Triton is installed, else the PyTorch reference (`get_ttt_ops` also checks the head size).
-    An explicit `"triton"` that cannot run raises `RuntimeError` saying why; it never falls back silently.
+    a CUDA device and Triton is installed, the C++ decoding kernel (`modeling_ttt.ops.cpu`) on the CPU when it
+    builds, else the PyTorch reference (`get_ttt_ops` also checks the head size). An explicit `"triton"` or
+    `"cpp"` that cannot run raises `RuntimeError` saying why; it never falls back silently.
     """
     requested = os.environ.get(TTT_IMPL_ENV) or impl
     if requested not in _IMPLEMENTATIONS:
@@ -43,7 +46,18 @@ def resolve_ttt_impl(impl: str, device: torch.device | str) -> str:
         raise ValueError(f"{source} must be one of {_IMPLEMENTATIONS}, got {requested!r}.")
     device = torch.device(device)
     if requested == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        return "cpp" if device.type == "cpu" and _cpp_kernel_ready(warn=True) else "torch"
+    if requested == "cpp":
+        if device.type != "cpu":
+            raise RuntimeError(f"ttt_impl='cpp' is a CPU kernel, but the tensors are on {device.type!r}; use "
+                               "ttt_impl='auto' or 'torch'.")
+        if not _cpp_kernel_ready(warn=False):
+            from .cpu import build_error
+
+            raise RuntimeError(f"ttt_impl='cpp': the C++ CPU decoding kernel could not be built ({build_error()}); "
+                               "it needs a C++ compiler and `ninja`. Use ttt_impl='torch' or 'auto'.")
     if requested == "triton":
         if not triton_available():
             raise RuntimeError("ttt_impl='triton' needs the `triton` package, which is not installed "
@@ -55,6 +69,16 @@ def resolve_ttt_impl(impl: str, device: torch.device | str) -> str:
         if device.type not in ("cpu", "cuda"):
             raise RuntimeError(f"ttt_impl='triton' does not support tensors on {device.type!r} devices.")
     return requested
+
+
+def _cpp_kernel_ready(warn: bool) -> bool:
+    from .cpu import build_error  # builds the kernel on first use
+
+    error = build_error()
+    if error is not None and warn:
+        logger.warning_once(f"modeling_ttt: the C++ CPU decoding kernel could not be built ({error}); decoding on "
+                            "the CPU uses the slower PyTorch reference. Set TTT_IMPL=torch to skip the attempt.")
+    return error is None
 
 
 def get_ttt_ops(impl: str, layer_type: str, device: torch.device | str, head_dim: int | None = None) -> Callable:
@@ -72,8 +96,13 @@ def get_ttt_ops(impl: str, layer_type: str, device: torch.device | str, head_dim
 def _get_ttt_ops(impl: str, layer_type: str, device: str, head_dim: int | None, environment: tuple) -> Callable:
     if layer_type not in _REFERENCE_OPS:
         raise ValueError(f"layer_type must be one of {tuple(_REFERENCE_OPS)}, got {layer_type!r}.")
-    if resolve_ttt_impl(impl, device) == "torch":
+    resolved = resolve_ttt_impl(impl, device)
+    if resolved == "torch":
         return _REFERENCE_OPS[layer_type]
+    if resolved == "cpp":
+        from . import cpu
+
+        return {"linear": cpu.ttt_linear, "mlp": cpu.ttt_mlp}[layer_type]
     from . import triton as triton_ops  # imported only here: `import triton` is slow and optional
 
     requested = os.environ.get(TTT_IMPL_ENV) or impl

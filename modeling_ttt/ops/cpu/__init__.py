@@ -1,0 +1,98 @@
+"""A C++ CPU kernel for decoding with TTT-Linear: one token per row, no autograd (`ttt_decode.cpp`). Everything else
+(prefill, training, padding, TTT-MLP, other dtypes) runs the PyTorch reference, so `ttt_linear` / `ttt_mlp` here
+have the reference's signatures and results.
+
+Why: decoding a small model on a CPU spends more time launching PyTorch's ~35 small kernels per layer and token
+than computing them; the C++ step does the same arithmetic in one call.
+
+The kernel is compiled on first use with `torch.utils.cpp_extension` (a C++ compiler and `ninja` are needed; about
+15 s, once per machine: torch caches the build under `~/.cache/torch_extensions`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+
+import torch
+from transformers.utils import logging
+
+from .. import reference
+from ..reference import LAYER_NORM_EPS, InnerState
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ttt_decode.cpp")
+_DTYPES = (torch.float32, torch.float64)
+logger = logging.get_logger(__name__)
+
+
+def _build_name() -> str:
+    """The build is tuned for this CPU (`-march=native`), so its cached name says which CPU: a home directory
+    shared by different machines then never loads a build made for another instruction set."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    digest = hashlib.sha1(f"{platform.machine()} {platform.processor()} {flags}".encode()).hexdigest()[:10]
+    return f"modeling_ttt_cpu_{digest}"
+
+
+@functools.lru_cache(maxsize=1)
+def build_error() -> str | None:
+    """Build and load the kernel once per process; `None` when it is ready, else why it is not."""
+    try:
+        from torch.utils import cpp_extension
+
+        name = _build_name()
+        built = os.path.join(cpp_extension._get_build_directory(name, verbose=False), f"{name}.so")
+        if not os.path.exists(built):
+            logger.warning_once("modeling_ttt: compiling the C++ CPU decoding kernel (once per machine, ~15 s).")
+        cpp_extension.load(name=name, sources=[_SOURCE], extra_cflags=["-O3", "-march=native"],
+                           is_python_module=False, verbose=False)
+    except Exception as error:  # no compiler, no ninja, a failed build: reported by the callers
+        return f"{type(error).__name__}: {error}".strip()
+    return None
+
+
+def decodes(xq: torch.Tensor, num_tokens: torch.Tensor | None, *tensors: torch.Tensor) -> bool:
+    """Whether a `ttt_linear` call is one the kernel handles: one token per row, CPU, float32/64, and no autograd
+    through any of `tensors` (the other inputs)."""
+    if xq.dim() != 4 or xq.shape[2] != 1 or num_tokens is not None or xq.shape[0] == 0:
+        return False
+    if xq.device.type != "cpu" or xq.dtype not in _DTYPES:
+        return False
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in (xq, *tensors))
+
+
+def ttt_linear(
+    xq: torch.Tensor,
+    xk: torch.Tensor,
+    xv: torch.Tensor,
+    inner_lr: torch.Tensor,
+    token_scale: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    state: InnerState,
+    num_tokens: torch.Tensor | None = None,
+    checkpoint_group: int = 0,
+) -> tuple[torch.Tensor, InnerState]:
+    """[`modeling_ttt.ops.reference.ttt_linear`], with decoding steps run by the C++ kernel."""
+    if not decodes(xq, num_tokens, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, *state.weights, *state.grads):
+        return reference.ttt_linear(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens,
+                                    checkpoint_group)
+    error = build_error()
+    if error is not None:
+        raise RuntimeError(f"The C++ CPU decoding kernel of modeling_ttt could not be built ({error}); use "
+                           "ttt_impl='torch' (or 'auto', which then uses the PyTorch reference).")
+    outputs = torch.ops.modeling_ttt_cpu.ttt_linear_decode(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias,
+                                                           *state.weights, *state.grads, state.seen, LAYER_NORM_EPS)
+    out, grad_w, grad_b = outputs[:3]
+    weights = tuple(outputs[3:]) if len(outputs) == 5 else state.weights  # changed only where a mini-batch ends
+    return out, InnerState(weights, (grad_w, grad_b), state.seen + 1)
+
+
+ttt_mlp = reference.ttt_mlp  # TTT-MLP decodes with the reference
+
+__all__ = ["ttt_linear", "ttt_mlp", "build_error", "decodes"]

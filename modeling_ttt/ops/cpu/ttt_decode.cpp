@@ -1,0 +1,196 @@
+// One decoding step of TTT-Linear on the CPU: one token per row, no autograd, float32/float64.
+// Returns [out, G_W, G_b] when no row ends its mini-batch (W0, b0 unchanged), else [out, G_W, G_b, W0, b0].
+//
+// The same numbers as `_ttt_one_token("linear", ...)` in modeling_ttt/ops/reference.py (the spec; read it first),
+// written as plain loops over each (row, head) so that a token costs one call instead of ~35 PyTorch kernels:
+// when decoding a small model on a CPU the per-kernel overhead, not the arithmetic, is what the step pays for.
+// tests/test_ops_cpu.py holds this file to the reference.
+//
+// Per (row, head), with the token at position p of its mini-batch and s = token_scale[p] (Eq. 6/7 of the paper):
+//   z = x_k W0 + b0;  grad_z = LayerNorm-l2 gradient at z (target x_v - x_k);  G_W += x_k^T (lr grad_z);
+//   G_b += lr grad_z;  z_q = x_q W0 + b0 - s (x_q G_W + G_b)   (= x_q W_t + b_t with W_t = W0 - s G_W);
+//   out = x_q + LN(z_q) * ln_w + ln_b;  at the end of the mini-batch (p = M-1), W0 <- W_t, b0 <- b_t, G <- 0.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+// Mean and 1/std of a row, with double accumulators.
+template <typename T>
+void mean_rstd(const T* z, int64_t d, double eps, double& mean, double& rstd) {
+  double sum = 0.0;
+  for (int64_t j = 0; j < d; ++j) sum += z[j];
+  mean = sum / d;
+  double var = 0.0;
+  for (int64_t j = 0; j < d; ++j) {
+    const double c = z[j] - mean;
+    var += c * c;
+  }
+  rstd = 1.0 / std::sqrt(var / d + eps);
+}
+
+// y = x W + b for one row: x [d], W [d, d] (in x out, row-major), b [d].
+template <typename T>
+void row_times_matrix(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b, int64_t d,
+                      T* __restrict__ y) {
+  for (int64_t j = 0; j < d; ++j) y[j] = b[j];
+  for (int64_t k = 0; k < d; ++k) {
+    const T a = x[k];
+    const T* __restrict__ w_k = w + k * d;
+    for (int64_t j = 0; j < d; ++j) y[j] += a * w_k[j];
+  }
+}
+
+// out = base + x^T g (a rank-1 update of a [d, d] matrix).
+template <typename T>
+void add_outer(const T* __restrict__ base, const T* __restrict__ x, const T* __restrict__ g, int64_t d,
+               T* __restrict__ out) {
+  for (int64_t k = 0; k < d; ++k) {
+    const T a = x[k];
+    for (int64_t j = 0; j < d; ++j) out[k * d + j] = base[k * d + j] + a * g[j];
+  }
+}
+
+// out = w - s g, elementwise over n values.
+template <typename T>
+void step(const T* __restrict__ w, const T* __restrict__ g, T s, int64_t n, T* __restrict__ out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = w[i] - s * g[i];
+}
+
+template <typename T>
+void decode_rows(int64_t rows, int64_t heads, int64_t d, int64_t mini_batch_size, double eps, const T* xq,
+                 const T* xk, const T* xv, const T* lr, const T* token_scale, const T* ln_w, const T* ln_b,
+                 const T* w, const T* b, const T* g_w, const T* g_b, const int64_t* seen, T* out, T* new_w, T* new_b,
+                 T* new_g_w, T* new_g_b, bool write_weights) {
+  // One batch row of 12 heads is ~50k multiply-adds: run rows in parallel only for larger batches.
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<T> z(d), grad(d), zq(d), zq_g(d);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t row = r / heads, head = r % heads;
+      const int64_t position = seen[row] % mini_batch_size;
+      const T s = token_scale[position];
+      const bool completes = position == mini_batch_size - 1;
+      const T *x_q = xq + r * d, *x_k = xk + r * d, *x_v = xv + r * d;
+      const T *lw = ln_w + head * d, *lb = ln_b + head * d;
+      const T *w_r = w + r * d * d, *b_r = b + r * d, *gw_r = g_w + r * d * d, *gb_r = g_b + r * d;
+      T *gw_new = new_g_w + r * d * d, *gb_new = new_g_b + r * d;
+
+      // Gradient of 0.5 ||LN(z) w + b - (x_v - x_k)||^2 at z = x_k W0 + b0, through the LayerNorm.
+      row_times_matrix(x_k, w_r, b_r, d, z.data());
+      double mean, rstd;
+      mean_rstd(z.data(), d, eps, mean, rstd);
+      double sum_g = 0.0, sum_gz = 0.0;
+      for (int64_t j = 0; j < d; ++j) {
+        const T z_hat = static_cast<T>((z[j] - mean) * rstd);
+        z[j] = z_hat;
+        grad[j] = lw[j] * lb[j] + lw[j] * (x_k[j] - x_v[j]) + lw[j] * lw[j] * z_hat;  // d loss / d z_hat
+        sum_g += grad[j];
+        sum_gz += grad[j] * z_hat;
+      }
+      const T lr_r = lr[r];
+      for (int64_t j = 0; j < d; ++j) {
+        const T grad_z = static_cast<T>(rstd * (grad[j] - sum_g / d - z[j] * (sum_gz / d)));
+        grad[j] = lr_r * grad_z;  // lr * grad_z
+      }
+
+      // Pending sums G (zero at a mini-batch start, by the state's invariant).
+      add_outer(gw_r, x_k, grad.data(), d, gw_new);
+      for (int64_t j = 0; j < d; ++j) gb_new[j] = gb_r[j] + grad[j];
+
+      if (completes) {  // W_t = W0 - s G becomes the next W0
+        T *w_new = new_w + r * d * d, *b_new = new_b + r * d;
+        step(w_r, gw_new, s, d * d, w_new);
+        step(b_r, gb_new, s, d, b_new);
+        row_times_matrix(x_q, w_new, b_new, d, zq.data());
+        std::fill(gw_new, gw_new + d * d, T(0));
+        std::fill(gb_new, gb_new + d, T(0));
+      } else {
+        if (write_weights) {  // another row of the batch completes: this row keeps W0
+          std::copy(w_r, w_r + d * d, new_w + r * d * d);
+          std::copy(b_r, b_r + d, new_b + r * d);
+        }
+        row_times_matrix(x_q, w_r, b_r, d, zq.data());
+        row_times_matrix(x_q, gw_new, gb_new, d, zq_g.data());
+        for (int64_t j = 0; j < d; ++j) zq[j] -= s * zq_g[j];
+      }
+
+      // Output rule (Sec. 2.7): x_q + LN(f(x_q)).
+      mean_rstd(zq.data(), d, eps, mean, rstd);
+      T* o = out + r * d;
+      for (int64_t j = 0; j < d; ++j) o[j] = x_q[j] + static_cast<T>((zq[j] - mean) * rstd) * lw[j] + lb[j];
+    }
+  });
+}
+
+void check(bool ok, const std::string& message) {
+  TORCH_CHECK_VALUE(ok, "ttt_linear_decode: ", message);
+}
+
+std::vector<at::Tensor> ttt_linear_decode(const at::Tensor& xq, const at::Tensor& xk, const at::Tensor& xv,
+                                          const at::Tensor& inner_lr, const at::Tensor& token_scale,
+                                          const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& w,
+                                          const at::Tensor& b, const at::Tensor& g_w, const at::Tensor& g_b,
+                                          const at::Tensor& seen, double eps) {
+  check(xq.dim() == 4 && xq.size(2) == 1, "xq must be [B, H, 1, d] (one token per row)");
+  const int64_t batch = xq.size(0), heads = xq.size(1), d = xq.size(3), rows = batch * heads;
+  const int64_t mini_batch_size = token_scale.numel();
+  check(xk.sizes() == xq.sizes() && xv.sizes() == xq.sizes(), "xq, xk, xv must share a shape");
+  check(inner_lr.numel() == rows, "inner_lr must be [B, H, 1]");
+  check(ln_weight.numel() == heads * d && ln_bias.numel() == heads * d, "ln_weight/ln_bias must be [H, d]");
+  check(w.numel() == rows * d * d && g_w.numel() == rows * d * d, "W and G_W must be [B, H, d, d]");
+  check(b.numel() == rows * d && g_b.numel() == rows * d, "b and G_b must be [B, H, 1, d]");
+  check(seen.numel() == batch && seen.scalar_type() == at::kLong, "seen must be int64 [B]");
+  check(mini_batch_size > 0, "token_scale must not be empty");
+  const auto dtype = xq.scalar_type();
+  for (const at::Tensor* t : {&xk, &xv, &inner_lr, &token_scale, &ln_weight, &ln_bias, &w, &b, &g_w, &g_b}) {
+    check(t->scalar_type() == dtype, "all floating inputs must share one dtype");
+    check(t->device().is_cpu(), "all inputs must be on the CPU");
+  }
+
+  std::vector<at::Tensor> in;
+  for (const at::Tensor* t : {&xq, &xk, &xv, &inner_lr, &token_scale, &ln_weight, &ln_bias, &w, &b, &g_w, &g_b, &seen})
+    in.push_back(t->contiguous());
+  auto seen_data = in[11].data_ptr<int64_t>();
+  bool any_completes = false;
+  for (int64_t i = 0; i < batch; ++i) {
+    check(seen_data[i] >= 0, "seen must not be negative");
+    any_completes = any_completes || (seen_data[i] % mini_batch_size == mini_batch_size - 1);
+  }
+
+  at::Tensor out = at::empty(xq.sizes(), xq.options());
+  at::Tensor new_g_w = at::empty(g_w.sizes(), g_w.options()), new_g_b = at::empty(g_b.sizes(), g_b.options());
+  // Weights change only where a mini-batch ends; otherwise the caller keeps the old W0 (nothing writes it) and
+  // only out, G_W, G_b are returned.
+  at::Tensor new_w, new_b;
+  if (any_completes) {
+    new_w = at::empty(w.sizes(), w.options());
+    new_b = at::empty(b.sizes(), b.options());
+  }
+  AT_DISPATCH_FLOATING_TYPES(dtype, "ttt_linear_decode", [&] {
+    decode_rows<scalar_t>(rows, heads, d, mini_batch_size, eps, in[0].data_ptr<scalar_t>(),
+                          in[1].data_ptr<scalar_t>(), in[2].data_ptr<scalar_t>(), in[3].data_ptr<scalar_t>(),
+                          in[4].data_ptr<scalar_t>(), in[5].data_ptr<scalar_t>(), in[6].data_ptr<scalar_t>(),
+                          in[7].data_ptr<scalar_t>(), in[8].data_ptr<scalar_t>(), in[9].data_ptr<scalar_t>(),
+                          in[10].data_ptr<scalar_t>(), seen_data, out.data_ptr<scalar_t>(),
+                          any_completes ? new_w.data_ptr<scalar_t>() : nullptr,
+                          any_completes ? new_b.data_ptr<scalar_t>() : nullptr, new_g_w.data_ptr<scalar_t>(),
+                          new_g_b.data_ptr<scalar_t>(), any_completes);
+  });
+  if (!any_completes) return {out, new_g_w, new_g_b};
+  return {out, new_g_w, new_g_b, new_w, new_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(modeling_ttt_cpu, m) {
+  m.def(
+      "ttt_linear_decode(Tensor xq, Tensor xk, Tensor xv, Tensor inner_lr, Tensor token_scale, Tensor ln_weight, "
+      "Tensor ln_bias, Tensor W, Tensor b, Tensor G_W, Tensor G_b, Tensor seen, float eps) -> Tensor[]",
+      &ttt_linear_decode);
+}

@@ -1,0 +1,109 @@
+"""The C++ CPU decoding kernel (`modeling_ttt.ops.cpu`) against the PyTorch reference: one token per call at every
+position of the mini-batch, rows at different positions, float64 and float32; the inputs are never written; what
+it does not handle (autograd, chunks, padding) goes to the reference; whole models decode the same tokens."""
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_ops import assert_states_close, make_problem, sliced
+
+from modeling_ttt.ops import InnerState, cpu, reference
+
+pytestmark = pytest.mark.skipif(cpu.build_error() is not None,
+                                reason=f"the C++ kernel does not build here: {cpu.build_error()}")
+
+
+def decode_both(problem, state, start, stop):
+    """Feed tokens start..stop one at a time through the reference and through the kernel."""
+    ref_state, cpp_state, ref_out, cpp_out = state, state, [], []
+    for t in range(start, stop):
+        step = sliced(problem, t, t + 1)
+        out, ref_state = reference.ttt_linear(**step, state=ref_state)
+        ref_out.append(out)
+        assert cpu.decodes(step["xq"], None)
+        out, cpp_state = cpu.ttt_linear(**step, state=cpp_state)
+        cpp_out.append(out)
+    return torch.cat(ref_out, dim=2), ref_state, torch.cat(cpp_out, dim=2), cpp_state
+
+
+@pytest.mark.parametrize("first", [(0, 0, 0), (5, 3, 0), (7, 7, 7)])
+def test_kernel_equals_the_reference_token_by_token(first):
+    """Rows start at positions `first` of their mini-batches (8 tokens), then 20 tokens are decoded: every
+    position, mini-batch ends together or on different steps; float64 agrees to rounding."""
+    problem, weights = make_problem("linear", seq_len=28)
+    chunk = sliced(problem, 0, 8)
+    num_tokens = torch.tensor(first)
+    chunk["inner_lr"] = chunk["inner_lr"] * (torch.arange(8).view(1, 1, 8) < num_tokens.view(3, 1, 1))
+    with torch.no_grad():
+        _, state = reference.ttt_linear(**chunk, state=InnerState.initial(weights, 3), num_tokens=num_tokens)
+        ref_out, ref_state, cpp_out, cpp_state = decode_both(problem, state, 8, 28)
+    torch.testing.assert_close(cpp_out, ref_out, atol=1e-12, rtol=0)
+    assert_states_close(cpp_state, ref_state, atol=1e-12)
+
+
+def test_float32_stays_close_and_inputs_are_untouched():
+    problem, weights = make_problem("linear", seq_len=20)
+    problem = {k: v.float() for k, v in problem.items()}
+    state = InnerState.initial(tuple(w.float() for w in weights), 3)
+    kept = [t.clone() for t in (*state.weights, *state.grads, *problem.values())]
+    with torch.inference_mode():
+        ref_out, ref_state, cpp_out, cpp_state = decode_both(problem, state, 0, 20)
+    torch.testing.assert_close(cpp_out, ref_out, atol=2e-5, rtol=1e-5)
+    for a, b in zip((*cpp_state.weights, *cpp_state.grads), (*ref_state.weights, *ref_state.grads)):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    for before, now in zip(kept, (*state.weights, *state.grads, *problem.values())):
+        assert torch.equal(before, now)
+
+
+def test_what_the_kernel_does_not_take_goes_to_the_reference():
+    """Chunks, padding, autograd and other dtypes give exactly the reference's results (same code)."""
+    problem, weights = make_problem("linear", seq_len=12)
+    state = InnerState.initial(weights, 3)
+    chunk = sliced(problem, 0, 12)
+    assert not cpu.decodes(chunk["xq"], None)
+    assert not cpu.decodes(sliced(problem, 0, 1)["xq"], torch.tensor([1, 1, 1]))
+    assert not cpu.decodes(sliced(problem, 0, 1)["xq"].half(), None)
+    lr = problem["inner_lr"].clone().requires_grad_(True)
+    step = dict(sliced(problem, 0, 1), inner_lr=lr[:, :, :1])
+    assert not cpu.decodes(step["xq"], None, step["inner_lr"])
+    out, _ = cpu.ttt_linear(**step, state=state)
+    expected, _ = reference.ttt_linear(**step, state=state)
+    assert torch.equal(out, expected)
+    (grad,) = torch.autograd.grad(out.sum(), lr)
+    assert grad.abs().sum() > 0
+    out, new_state = cpu.ttt_linear(**chunk, state=state)
+    expected, expected_state = reference.ttt_linear(**chunk, state=state)
+    assert torch.equal(out, expected)
+    assert_states_close(new_state, expected_state, atol=0)
+
+
+def test_bad_inputs_are_named():
+    problem, weights = make_problem("linear", seq_len=1)
+    state = InnerState.initial(weights, 3)
+    op = torch.ops.modeling_ttt_cpu.ttt_linear_decode
+    args = [problem[k] for k in ("xq", "xk", "xv", "inner_lr", "token_scale", "ln_weight", "ln_bias")]
+    with pytest.raises(ValueError, match="share one dtype"):
+        op(*args[:3], args[3].float(), *args[4:], *state.weights, *state.grads, state.seen, 1e-6)
+    with pytest.raises(ValueError, match=r"seen must be int64 \[B\]"):
+        op(*args, *state.weights, *state.grads, state.seen[:2], 1e-6)
+    with pytest.raises(ValueError, match=r"W and G_W must be \[B, H, d, d\]"):
+        op(*args, state.weights[0][:2], state.weights[1], *state.grads, state.seen, 1e-6)
+
+
+@pytest.mark.parametrize("backbone", ["mamba", "transformer"])
+def test_models_decode_the_same_tokens(backbone):
+    """Greedy generation of a left-padded batch (rows at different positions) with ttt_impl="cpp" and "torch":
+    same tokens, logits within float32 rounding."""
+    model = tiny_model("linear", backbone)
+    input_ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(4))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :6] = 0
+    attention_mask[1, :3] = 0
+    results = {}
+    for impl in ("torch", "cpp"):
+        model.config.ttt_impl = impl
+        out = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=40, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+        results[impl] = (out.sequences, torch.stack(out.logits))
+    assert torch.equal(results["cpp"][0], results["torch"][0])
+    torch.testing.assert_close(results["cpp"][1], results["torch"][1], atol=1e-5, rtol=0)
