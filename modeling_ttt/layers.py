@@ -16,19 +16,24 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .configuration_ttt import TTTConfig
-from .ops import InnerState, get_ttt_ops
+from .ops import InnerState, cpp_kernels_apply, get_ttt_ops
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, config: TTTConfig | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
+        self.config = config  # its ttt_impl: "cpp" (or "auto" on the CPU) uses the C++ kernel without autograd
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # x · rsqrt(mean(x²) + eps) in float32, then the weight in the input dtype (fused kernels)
         input_dtype = hidden_states.dtype
         shape = (hidden_states.shape[-1],)
+        if (self.config is not None and input_dtype == self.weight.dtype
+                and cpp_kernels_apply(self.config.ttt_impl, hidden_states, self.weight)):
+            # ATen's CPU rms_norm is a chain of ~10 small kernels; this is one (decoding calls it 3 times a layer)
+            return torch.ops.modeling_ttt_cpu.rms_norm(hidden_states, self.weight, self.variance_epsilon)
         if input_dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(hidden_states, shape, self.weight, eps=self.variance_epsilon)
         normed = F.rms_norm(hidden_states.to(torch.float32), shape, eps=self.variance_epsilon)
@@ -53,13 +58,15 @@ def causal_depthwise_conv(
     biases: torch.Tensor,
     state: torch.Tensor | None,
     num_tokens: torch.Tensor | None,
+    impl: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`n` causal depthwise convs of the same input `x` `[B, T, C]` at once, continuing from `state` `[B, K-1, C]`
     (the last `K-1` inputs seen; zeros for a fresh sequence, which equals flax's CAUSAL padding).
 
     kernels: `[n, C, K]`; biases: `[n, C]` (the Mamba backbone's `conv_q` and `conv_k` read the same projection,
     so they share one state and one pass). Returns the outputs `[B, T, n, C]` and the new state: the last `K-1`
-    *real* inputs of each row, so that right padding (`num_tokens`) never enters the state.
+    *real* inputs of each row, so that right padding (`num_tokens`) never enters the state. `impl` is the config's
+    `ttt_impl`: when it resolves to "cpp", a decoding step without autograd runs as one C++ kernel.
     """
     batch, seq_len, channels = x.shape
     width = kernels.shape[-1]
@@ -68,6 +75,8 @@ def causal_depthwise_conv(
     # Work in [B, T, C] (no transposes): y_t = bias + Σ_k w_k · x_{t-K+1+k}, K shifted multiply-adds.
     extended = torch.cat([state if state.dtype == x.dtype else state.to(x.dtype), x], dim=1)  # [B, K-1+T, C]
     taps = kernels.permute(2, 0, 1)  # [K, n, C]
+    if seq_len == 1 and num_tokens is None and cpp_kernels_apply(impl, x, state, kernels, biases):
+        return tuple(torch.ops.modeling_ttt_cpu.conv_step(x, state, kernels, biases))
     if seq_len == 1 and num_tokens is None:  # decoding: one window, one product and one sum
         y = torch.sum(extended.unsqueeze(2) * taps, dim=1, keepdim=True) + biases
         return y, extended[:, 1:]
@@ -93,14 +102,15 @@ class TTTConvBlock(nn.Module):
 
     def __init__(self, config: TTTConfig):
         super().__init__()
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.config = config
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, config=config)
         self.conv = nn.Conv1d(config.hidden_size, config.hidden_size, kernel_size=config.conv_kernel,
                               groups=config.hidden_size, bias=True)
 
     def forward(self, hidden_states, layer_state=None, num_tokens=None):
         state = layer_state.conv_states.get("pre_conv") if layer_state is not None else None
         out, new_state = causal_depthwise_conv(self.norm(hidden_states), *_conv_parameters(self.conv), state,
-                                               num_tokens)
+                                               num_tokens, self.config.ttt_impl)
         if layer_state is not None:
             layer_state.conv_states["pre_conv"] = new_state
         return out.squeeze(2)
@@ -211,7 +221,7 @@ class TTTLayerBase(nn.Module):
         # One projection, told apart by conv_q and conv_k; both convs read it, so they share one state.
         conv_states = layer_state.conv_states if layer_state is not None else {}
         qk, conv_states["qk"] = causal_depthwise_conv(self.q_proj(x), *self.qk_conv_parameters(),
-                                                      conv_states.get("qk"), num_tokens)
+                                                      conv_states.get("qk"), num_tokens, self.config.ttt_impl)
         return qk
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,9 +27,9 @@ class TTTBlock(GradientCheckpointingLayer):
         self.pre_conv = config.pre_conv
         if self.pre_conv:
             self.conv = TTTConvBlock(config)
-        self.seq_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.seq_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, config=config)
         self.seq_modeling_block = TTT_LAYER_CLASSES[config.ttt_layer_type](config, layer_idx)
-        self.ffn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.ffn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, config=config)
         self.mlp = SwiGLUMLP(config)
 
     def forward(self, hidden_states: torch.Tensor, num_tokens: torch.Tensor | None = None, past_key_values=None):
@@ -89,7 +89,7 @@ class TTTModel(TTTPreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([TTTBlock(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, config=config)
         self.post_init()
 
     def get_input_embeddings(self):

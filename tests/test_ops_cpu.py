@@ -107,3 +107,50 @@ def test_models_decode_the_same_tokens(backbone):
         results[impl] = (out.sequences, torch.stack(out.logits))
     assert torch.equal(results["cpp"][0], results["torch"][0])
     torch.testing.assert_close(results["cpp"][1], results["torch"][1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rms_norm_kernel_equals_torch(dtype):
+    x, weight = torch.randn(3, 5, 64, dtype=dtype), torch.randn(64, dtype=dtype)
+    expected = torch.nn.functional.rms_norm(x, (64,), weight, eps=1e-6)
+    got = torch.ops.modeling_ttt_cpu.rms_norm(x, weight, 1e-6)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
+    with pytest.raises(ValueError, match="weight must be"):
+        torch.ops.modeling_ttt_cpu.rms_norm(x, weight[:10], 1e-6)
+
+
+@pytest.mark.parametrize("num_convs", [1, 2])
+def test_conv_step_kernel_equals_torch(num_convs):
+    """The one-token causal depthwise conv (pre-conv: one conv; Mamba Q/K: two convs sharing a state)."""
+    from modeling_ttt.layers import causal_depthwise_conv
+
+    gen = torch.Generator().manual_seed(5)
+    x, state = torch.randn(3, 1, 16, generator=gen, dtype=torch.float64), torch.randn(3, 3, 16, generator=gen,
+                                                                                      dtype=torch.float64)
+    kernels, biases = torch.randn(num_convs, 16, 4, generator=gen, dtype=torch.float64), torch.randn(
+        num_convs, 16, generator=gen, dtype=torch.float64)
+    expected_y, expected_state = causal_depthwise_conv(x, kernels, biases, state, None, "torch")
+    y, new_state = causal_depthwise_conv(x, kernels, biases, state, None, "cpp")
+    torch.testing.assert_close(y, expected_y, atol=1e-12, rtol=0)
+    assert torch.equal(new_state, expected_state)
+    with pytest.raises(ValueError, match=r"state must be \[B, K-1, C\]"):
+        torch.ops.modeling_ttt_cpu.conv_step(x, state[:, :2], kernels, biases)
+
+
+def test_rms_norm_module_uses_the_kernel_only_without_autograd(monkeypatch):
+    from conftest import tiny_config
+
+    from modeling_ttt.layers import RMSNorm
+
+    calls = []
+    kernel = torch.ops.modeling_ttt_cpu.rms_norm
+    monkeypatch.setattr(torch.ops.modeling_ttt_cpu, "rms_norm", lambda *a: calls.append(1) or kernel(*a))
+    norm = RMSNorm(32, eps=1e-6, config=tiny_config(ttt_impl="cpp"))
+    x = torch.randn(2, 3, 32)
+    with torch.no_grad():
+        fast = norm(x)
+    assert calls == [1]
+    slow = norm(x)  # the weight requires grad: PyTorch's own op, differentiable
+    assert calls == [1] and slow.requires_grad
+    torch.testing.assert_close(fast, slow.detach(), atol=1e-6, rtol=1e-6)

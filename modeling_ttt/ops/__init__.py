@@ -81,6 +81,23 @@ def _cpp_kernel_ready(warn: bool) -> bool:
     return error is None
 
 
+def cpp_kernels_apply(impl: str, *tensors: torch.Tensor) -> bool:
+    """Whether the C++ CPU kernels (`modeling_ttt.ops.cpu`: the decoding step, RMSNorm, the causal-conv step)
+    run for these tensors: `impl` resolves to "cpp", the tensors are float32/64 on the CPU, and no autograd
+    runs through them. Layers ask on every token, so the resolution is remembered per environment."""
+    first = tensors[0]
+    if first.device.type != "cpu" or first.dtype not in (torch.float32, torch.float64):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return _resolves_to_cpp(impl, os.environ.get(TTT_IMPL_ENV))
+
+
+@functools.lru_cache(maxsize=16)
+def _resolves_to_cpp(impl: str, environment: str | None) -> bool:
+    return resolve_ttt_impl(impl, "cpu") == "cpp"
+
+
 def get_ttt_ops(impl: str, layer_type: str, device: torch.device | str, head_dim: int | None = None) -> Callable:
     """The inner-loop function (signature of `reference.ttt_linear` / `ttt_mlp`) for `layer_type` ("linear" or
     "mlp") with implementation `impl` ("torch", "triton" or "auto", see `resolve_ttt_impl`) on `device`.
@@ -111,5 +128,5 @@ def _get_ttt_ops(impl: str, layer_type: str, device: str, head_dim: int | None, 
     return {"linear": triton_ops.ttt_linear, "mlp": triton_ops.ttt_mlp}[layer_type]
 
 
-__all__ = ["InnerState", "ttt_linear", "ttt_mlp", "ttt_sequential", "get_ttt_ops", "resolve_ttt_impl",
+__all__ = ["InnerState", "ttt_linear", "ttt_mlp", "ttt_sequential", "get_ttt_ops", "resolve_ttt_impl", "cpp_kernels_apply",
            "triton_available", "TTT_IMPL_ENV"]

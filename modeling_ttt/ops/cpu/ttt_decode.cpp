@@ -129,28 +129,30 @@ void decode_rows(int64_t rows, int64_t heads, int64_t d, int64_t mini_batch_size
 }
 
 void check(bool ok, const std::string& message) {
-  TORCH_CHECK_VALUE(ok, "ttt_linear_decode: ", message);
+  TORCH_CHECK_VALUE(ok, "modeling_ttt_cpu.", message);
 }
+
+void check_decode(bool ok, const std::string& message) { check(ok, "ttt_linear_decode: " + message); }
 
 std::vector<at::Tensor> ttt_linear_decode(const at::Tensor& xq, const at::Tensor& xk, const at::Tensor& xv,
                                           const at::Tensor& inner_lr, const at::Tensor& token_scale,
                                           const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& w,
                                           const at::Tensor& b, const at::Tensor& g_w, const at::Tensor& g_b,
                                           const at::Tensor& seen, double eps) {
-  check(xq.dim() == 4 && xq.size(2) == 1, "xq must be [B, H, 1, d] (one token per row)");
+  check_decode(xq.dim() == 4 && xq.size(2) == 1, "xq must be [B, H, 1, d] (one token per row)");
   const int64_t batch = xq.size(0), heads = xq.size(1), d = xq.size(3), rows = batch * heads;
   const int64_t mini_batch_size = token_scale.numel();
-  check(xk.sizes() == xq.sizes() && xv.sizes() == xq.sizes(), "xq, xk, xv must share a shape");
-  check(inner_lr.numel() == rows, "inner_lr must be [B, H, 1]");
-  check(ln_weight.numel() == heads * d && ln_bias.numel() == heads * d, "ln_weight/ln_bias must be [H, d]");
-  check(w.numel() == rows * d * d && g_w.numel() == rows * d * d, "W and G_W must be [B, H, d, d]");
-  check(b.numel() == rows * d && g_b.numel() == rows * d, "b and G_b must be [B, H, 1, d]");
-  check(seen.numel() == batch && seen.scalar_type() == at::kLong, "seen must be int64 [B]");
-  check(mini_batch_size > 0, "token_scale must not be empty");
+  check_decode(xk.sizes() == xq.sizes() && xv.sizes() == xq.sizes(), "xq, xk, xv must share a shape");
+  check_decode(inner_lr.numel() == rows, "inner_lr must be [B, H, 1]");
+  check_decode(ln_weight.numel() == heads * d && ln_bias.numel() == heads * d, "ln_weight/ln_bias must be [H, d]");
+  check_decode(w.numel() == rows * d * d && g_w.numel() == rows * d * d, "W and G_W must be [B, H, d, d]");
+  check_decode(b.numel() == rows * d && g_b.numel() == rows * d, "b and G_b must be [B, H, 1, d]");
+  check_decode(seen.numel() == batch && seen.scalar_type() == at::kLong, "seen must be int64 [B]");
+  check_decode(mini_batch_size > 0, "token_scale must not be empty");
   const auto dtype = xq.scalar_type();
   for (const at::Tensor* t : {&xk, &xv, &inner_lr, &token_scale, &ln_weight, &ln_bias, &w, &b, &g_w, &g_b}) {
-    check(t->scalar_type() == dtype, "all floating inputs must share one dtype");
-    check(t->device().is_cpu(), "all inputs must be on the CPU");
+    check_decode(t->scalar_type() == dtype, "all floating inputs must share one dtype");
+    check_decode(t->device().is_cpu(), "all inputs must be on the CPU");
   }
 
   std::vector<at::Tensor> in;
@@ -159,7 +161,7 @@ std::vector<at::Tensor> ttt_linear_decode(const at::Tensor& xq, const at::Tensor
   auto seen_data = in[11].data_ptr<int64_t>();
   bool any_completes = false;
   for (int64_t i = 0; i < batch; ++i) {
-    check(seen_data[i] >= 0, "seen must not be negative");
+    check_decode(seen_data[i] >= 0, "seen must not be negative");
     any_completes = any_completes || (seen_data[i] % mini_batch_size == mini_batch_size - 1);
   }
 
@@ -186,9 +188,74 @@ std::vector<at::Tensor> ttt_linear_decode(const at::Tensor& xq, const at::Tensor
   return {out, new_g_w, new_g_b, new_w, new_b};
 }
 
+// RMSNorm over the last axis: x * rsqrt(mean(x^2) + eps) * weight (what F.rms_norm computes), rows in parallel.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const int64_t d = x.size(-1);
+  check(weight.numel() == d && weight.scalar_type() == x.scalar_type(), "rms_norm: weight must be [d] of x's dtype");
+  const at::Tensor in = x.contiguous(), w = weight.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  const int64_t rows = d == 0 ? 0 : in.numel() / d;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rms_norm", [&] {
+    const scalar_t *src = in.data_ptr<scalar_t>(), *wp = w.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* x_r = src + r * d;
+        double sum = 0.0;
+        for (int64_t j = 0; j < d; ++j) sum += static_cast<double>(x_r[j]) * x_r[j];
+        const scalar_t inv = static_cast<scalar_t>(1.0 / std::sqrt(sum / d + eps));
+        for (int64_t j = 0; j < d; ++j) dst[r * d + j] = x_r[j] * inv * wp[j];
+      }
+    });
+  });
+  return out;
+}
+
+// One step of n causal depthwise convs of the same input (decoding; see causal_depthwise_conv in layers.py):
+// x [B, 1, C], state [B, K-1, C] (the last K-1 inputs), kernels [n, C, K], biases [n, C].
+// Returns y [B, 1, n, C] and the new state [B, K-1, C] (the old one shifted by one, x appended).
+std::vector<at::Tensor> conv_step(const at::Tensor& x, const at::Tensor& state, const at::Tensor& kernels,
+                                  const at::Tensor& biases) {
+  check(x.dim() == 3 && x.size(1) == 1, "conv_step: x must be [B, 1, C]");
+  const int64_t batch = x.size(0), channels = x.size(2), n = kernels.size(0), width = kernels.size(2);
+  check(state.dim() == 3 && state.size(0) == batch && state.size(1) == width - 1 && state.size(2) == channels,
+        "conv_step: state must be [B, K-1, C]");
+  check(kernels.dim() == 3 && kernels.size(1) == channels && biases.numel() == n * channels,
+        "conv_step: kernels must be [n, C, K] and biases [n, C]");
+  for (const at::Tensor* t : {&state, &kernels, &biases})
+    check(t->scalar_type() == x.scalar_type(), "conv_step: all inputs must share one dtype");
+  const at::Tensor xs = x.contiguous(), st = state.contiguous(), ks = kernels.contiguous(), bs = biases.contiguous();
+  at::Tensor y = at::empty({batch, 1, n, channels}, x.options());
+  at::Tensor new_state = at::empty(state.sizes(), state.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_step", [&] {
+    const scalar_t *xp = xs.data_ptr<scalar_t>(), *sp = st.data_ptr<scalar_t>(), *kp = ks.data_ptr<scalar_t>(),
+                   *bp = bs.data_ptr<scalar_t>();
+    scalar_t *yp = y.data_ptr<scalar_t>(), *np = new_state.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < batch; ++i) {
+      const scalar_t* s_i = sp + i * (width - 1) * channels;  // window: s_i[0..K-2], then x
+      const scalar_t* x_i = xp + i * channels;
+      for (int64_t c_n = 0; c_n < n; ++c_n) {
+        scalar_t* y_i = yp + (i * n + c_n) * channels;
+        for (int64_t c = 0; c < channels; ++c) {
+          const scalar_t* k = kp + (c_n * channels + c) * width;
+          scalar_t acc = bp[c_n * channels + c];
+          for (int64_t t = 0; t < width - 1; ++t) acc += s_i[t * channels + c] * k[t];
+          y_i[c] = acc + x_i[c] * k[width - 1];
+        }
+      }
+      scalar_t* n_i = np + i * (width - 1) * channels;
+      if (width > 2) std::copy(s_i + channels, s_i + (width - 1) * channels, n_i);
+      if (width > 1) std::copy(x_i, x_i + channels, n_i + (width - 2) * channels);
+    }
+  });
+  return {y, new_state};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(modeling_ttt_cpu, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
+  m.def("conv_step(Tensor x, Tensor state, Tensor kernels, Tensor biases) -> Tensor[]", &conv_step);
   m.def(
       "ttt_linear_decode(Tensor xq, Tensor xk, Tensor xv, Tensor inner_lr, Tensor token_scale, Tensor ln_weight, "
       "Tensor ln_bias, Tensor W, Tensor b, Tensor G_W, Tensor G_b, Tensor seen, float eps) -> Tensor[]",
