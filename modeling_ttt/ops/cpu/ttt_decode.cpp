@@ -47,13 +47,33 @@ void row_times_matrix(const T* __restrict__ x, const T* __restrict__ w, const T*
   }
 }
 
-// out = base + x^T g (a rank-1 update of a [d, d] matrix).
+// y1 = x1 W + b and y2 = x2 W + b in one pass over W.
 template <typename T>
-void add_outer(const T* __restrict__ base, const T* __restrict__ x, const T* __restrict__ g, int64_t d,
-               T* __restrict__ out) {
+void two_rows_times_matrix(const T* __restrict__ x1, const T* __restrict__ x2, const T* __restrict__ w,
+                           const T* __restrict__ b, int64_t d, T* __restrict__ y1, T* __restrict__ y2) {
+  for (int64_t j = 0; j < d; ++j) y1[j] = y2[j] = b[j];
   for (int64_t k = 0; k < d; ++k) {
-    const T a = x[k];
-    for (int64_t j = 0; j < d; ++j) out[k * d + j] = base[k * d + j] + a * g[j];
+    const T a1 = x1[k], a2 = x2[k];
+    const T* __restrict__ w_k = w + k * d;
+    for (int64_t j = 0; j < d; ++j) {
+      y1[j] += a1 * w_k[j];
+      y2[j] += a2 * w_k[j];
+    }
+  }
+}
+
+// out = base + x^T g (a rank-1 update of a [d, d] matrix) and, in the same pass, y = x_q out.
+template <typename T>
+void add_outer_then_project(const T* __restrict__ base, const T* __restrict__ x, const T* __restrict__ g,
+                            const T* __restrict__ x_q, int64_t d, T* __restrict__ out, T* __restrict__ y) {
+  for (int64_t j = 0; j < d; ++j) y[j] = T(0);
+  for (int64_t k = 0; k < d; ++k) {
+    const T a = x[k], c = x_q[k];
+    for (int64_t j = 0; j < d; ++j) {
+      const T v = base[k * d + j] + a * g[j];
+      out[k * d + j] = v;
+      y[j] += c * v;
+    }
   }
 }
 
@@ -81,8 +101,9 @@ void decode_rows(int64_t rows, int64_t heads, int64_t d, int64_t mini_batch_size
       const T *w_r = w + r * d * d, *b_r = b + r * d, *gw_r = g_w + r * d * d, *gb_r = g_b + r * d;
       T *gw_new = new_g_w + r * d * d, *gb_new = new_g_b + r * d;
 
-      // Gradient of 0.5 ||LN(z) w + b - (x_v - x_k)||^2 at z = x_k W0 + b0, through the LayerNorm.
-      row_times_matrix(x_k, w_r, b_r, d, z.data());
+      // Gradient of 0.5 ||LN(z) w + b - (x_v - x_k)||^2 at z = x_k W0 + b0, through the LayerNorm (x_q W0 + b0,
+      // needed below, comes from the same pass over W0).
+      two_rows_times_matrix(x_k, x_q, w_r, b_r, d, z.data(), zq.data());
       double mean, rstd;
       mean_rstd(z.data(), d, eps, mean, rstd);
       double sum_g = 0.0, sum_gz = 0.0;
@@ -99,8 +120,8 @@ void decode_rows(int64_t rows, int64_t heads, int64_t d, int64_t mini_batch_size
         grad[j] = lr_r * grad_z;  // lr * grad_z
       }
 
-      // Pending sums G (zero at a mini-batch start, by the state's invariant).
-      add_outer(gw_r, x_k, grad.data(), d, gw_new);
+      // Pending sums G (zero at a mini-batch start, by the state's invariant), and x_q G_W.
+      add_outer_then_project(gw_r, x_k, grad.data(), x_q, d, gw_new, zq_g.data());
       for (int64_t j = 0; j < d; ++j) gb_new[j] = gb_r[j] + grad[j];
 
       if (completes) {  // W_t = W0 - s G becomes the next W0
@@ -115,9 +136,7 @@ void decode_rows(int64_t rows, int64_t heads, int64_t d, int64_t mini_batch_size
           std::copy(w_r, w_r + d * d, new_w + r * d * d);
           std::copy(b_r, b_r + d, new_b + r * d);
         }
-        row_times_matrix(x_q, w_r, b_r, d, zq.data());
-        row_times_matrix(x_q, gw_new, gb_new, d, zq_g.data());
-        for (int64_t j = 0; j < d; ++j) zq[j] -= s * zq_g[j];
+        for (int64_t j = 0; j < d; ++j) zq[j] -= s * (zq_g[j] + gb_new[j]);  // x_q W0 + b0 - s (x_q G_W + G_b)
       }
 
       // Output rule (Sec. 2.7): x_q + LN(f(x_q)).
