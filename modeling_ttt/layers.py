@@ -17,6 +17,7 @@ from transformers.activations import ACT2FN
 
 from .configuration_ttt import TTTConfig
 from .ops import InnerState, cpp_kernels_apply, get_ttt_ops
+from .ops.reference import LAYER_NORM_EPS
 
 
 class RMSNorm(nn.Module):
@@ -137,6 +138,7 @@ class TTTLayerBase(nn.Module):
     """Everything of a TTT layer except the inner model (Sec. 2 of the paper)."""
 
     inner_weight_names: tuple[str, ...] = ()
+    fused_decode_step = None  # a subclass's one-token decoding step as one C++ kernel (CPU, no autograd)
 
     def __init__(self, config: TTTConfig, layer_idx: int):
         super().__init__()
@@ -240,6 +242,10 @@ class TTTLayerBase(nn.Module):
     def forward(self, hidden_states: torch.Tensor, layer_state=None, num_tokens: torch.Tensor | None = None):
         """hidden_states: `[B, T, C]`, right-padded when `num_tokens` (`[B]`) is given."""
         batch, seq_len, _ = hidden_states.shape
+        if (seq_len == 1 and num_tokens is None and self.fused_decode_step is not None and layer_state is not None
+                and layer_state.inner_state is not None and not torch.is_grad_enabled()
+                and cpp_kernels_apply(self.config.ttt_impl, hidden_states)):
+            return self.fused_decode_step(hidden_states, layer_state)
         if layer_state is not None and layer_state.inner_state is not None:
             state = layer_state.inner_state
         else:
@@ -276,6 +282,34 @@ class TTTLinear(TTTLayerBase):
     """TTT-Linear: the inner model is `x W1 + b1` per head."""
 
     inner_weight_names = ("W1", "b1")
+
+    def fused_decode_step(self, hidden_states: torch.Tensor, layer_state) -> torch.Tensor:
+        """`forward` for one token per row continuing `layer_state`, without autograd, on the CPU: the projections
+        here, everything between them in one C++ kernel (`modeling_ttt.ops.cpu`, same results)."""
+        state = layer_state.inner_state
+        empty = hidden_states.new_empty(0)
+        q = self.q_proj(hidden_states)
+        k = self.k_proj(hidden_states) if not self.share_qk else empty
+        if self.share_qk:
+            kernels, biases = self.qk_conv_parameters()
+            conv_state = layer_state.conv_states.get("qk")
+            if conv_state is None:
+                conv_state = hidden_states.new_zeros(hidden_states.shape[0], kernels.shape[-1] - 1, self.hidden_size)
+        else:
+            kernels = biases = conv_state = empty
+        lr_logits = F.linear(hidden_states, self.learnable_ttt_lr_weight.view(self.num_heads, self.hidden_size),
+                             self.learnable_ttt_lr_bias.view(self.num_heads))
+        outputs = torch.ops.modeling_ttt_cpu.ttt_linear_decode_layer(
+            q, k, self.v_proj(hidden_states), self.g_proj(hidden_states) if self.use_gate else empty, lr_logits,
+            conv_state, kernels, biases, self.rope_rotation, self.token_idx, self.learnable_token_idx,
+            self.ttt_norm_weight, self.ttt_norm_bias, self.post_norm.weight, self.post_norm.bias, *state.weights,
+            *state.grads, state.seen, self.config.ttt_base_lr / self.head_dim, LAYER_NORM_EPS, self.post_norm.eps)
+        out, conv_state, grad_w, grad_b = outputs[:4]
+        if self.share_qk:
+            layer_state.conv_states["qk"] = conv_state
+        weights = tuple(outputs[4:]) if len(outputs) == 6 else state.weights  # changed where a mini-batch ends
+        layer_state.inner_state = InnerState(weights, (grad_w, grad_b), state.seen + 1)
+        return self.o_proj(out)
 
     def __init__(self, config: TTTConfig, layer_idx: int):
         super().__init__(config, layer_idx)

@@ -154,3 +154,35 @@ def test_rms_norm_module_uses_the_kernel_only_without_autograd(monkeypatch):
     slow = norm(x)  # the weight requires grad: PyTorch's own op, differentiable
     assert calls == [1] and slow.requires_grad
     torch.testing.assert_close(fast, slow.detach(), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backbone", ["mamba", "transformer"])
+def test_fused_layer_step_equals_the_layer_forward(backbone):
+    """TTTLinear's one-token step as one kernel (convs, RoPE, learning rates, token scales, inner step, post norm,
+    gate) against the layer's PyTorch forward, float64, rows at positions that end their mini-batches on
+    different steps; the conv and inner states must match too."""
+    import copy
+
+    from modeling_ttt.cache import TTTCacheLayer
+
+    model = tiny_model("linear", backbone).double()
+    layer = model.model.layers[0].seq_modeling_block
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for p in layer.parameters():  # nonzero biases, token offsets, LN affine
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
+        hidden = torch.randn(3, 20, layer.hidden_size, generator=gen, dtype=torch.float64)
+        state = TTTCacheLayer()
+        layer.config.ttt_impl = "torch"
+        layer(hidden[:, :7], state, num_tokens=torch.tensor([7, 2, 5]))  # right padding: rows at 7, 2, 5
+        fused_state = copy.deepcopy(state)
+        for t in range(7, 20):
+            layer.config.ttt_impl = "torch"
+            expected = layer(hidden[:, t : t + 1], state)
+            layer.config.ttt_impl = "cpp"
+            got = layer(hidden[:, t : t + 1], fused_state)
+            torch.testing.assert_close(got, expected, atol=1e-12, rtol=0, msg=f"token {t}")
+    assert_states_close(fused_state.inner_state, state.inner_state, atol=1e-12)
+    assert fused_state.conv_states.keys() == state.conv_states.keys()
+    for name in state.conv_states:
+        assert torch.equal(fused_state.conv_states[name], state.conv_states[name])

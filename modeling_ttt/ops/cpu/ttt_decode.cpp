@@ -270,11 +270,142 @@ std::vector<at::Tensor> conv_step(const at::Tensor& x, const at::Tensor& state, 
   return {y, new_state};
 }
 
+// The whole decoding step of a TTT-Linear layer between its projections (see TTTLayerBase.forward in layers.py):
+// [Q/K causal convs (Mamba backbone)] -> RoPE at each row's position in its mini-batch -> inner learning rates and
+// token scales -> the TTT-Linear step above -> post LayerNorm -> [gelu gate]. One token per row.
+//   q, k: [B, 1, C] projections (k empty when conv_kernels, [2, C, K], derive Q and K from q; conv_state [B, K-1, C]);
+//   v, g: [B, 1, C] (g empty without gate); lr_logits: [B, 1, H]; rope: [M, d/2, 2] (cos, sin);
+//   token_idx, learnable_token_idx: [M]; ln_weight/ln_bias: [H, d]; post_weight/post_bias: [C].
+// Empty tensors stand for absent ones. Returns [out (before o_proj) [B, 1, C], new conv state (empty without
+// convs), G_W, G_b] and, when some row ends its mini-batch, [W0, b0].
+std::vector<at::Tensor> ttt_linear_decode_layer(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g, const at::Tensor& lr_logits,
+    const at::Tensor& conv_state, const at::Tensor& conv_kernels, const at::Tensor& conv_biases,
+    const at::Tensor& rope, const at::Tensor& token_idx, const at::Tensor& learnable_token_idx,
+    const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& post_weight,
+    const at::Tensor& post_bias, const at::Tensor& w, const at::Tensor& b, const at::Tensor& g_w,
+    const at::Tensor& g_b, const at::Tensor& seen, double lr_scale, double eps, double post_eps) {
+  auto fail = [](bool ok, const std::string& message) { check(ok, "ttt_linear_decode_layer: " + message); };
+  fail(q.dim() == 3 && q.size(1) == 1, "q must be [B, 1, C] (one token per row)");
+  fail(ln_weight.dim() == 2, "ln_weight must be [H, d]");
+  const int64_t batch = q.size(0), channels = q.size(2), heads = ln_weight.size(0), d = ln_weight.size(1);
+  const int64_t mini_batch_size = token_idx.numel();
+  const bool has_conv = conv_kernels.numel() > 0, has_gate = g.numel() > 0;  // empty tensors: absent
+  fail(heads * d == channels && d % 2 == 0, "ln_weight must be [H, d] with H * d = C and d even");
+  fail(v.sizes() == q.sizes() && (!has_gate || g.sizes() == q.sizes()), "v (and g) must be [B, 1, C] like q");
+  fail(has_conv || k.sizes() == q.sizes(), "k must be [B, 1, C] without conv kernels");
+  fail(lr_logits.numel() == batch * heads, "lr_logits must be [B, 1, H]");
+  fail(rope.dim() == 3 && rope.size(0) == mini_batch_size && rope.size(1) == d / 2 && rope.size(2) == 2,
+       "rope must be [M, d/2, 2]");
+  fail(learnable_token_idx.numel() == mini_batch_size && mini_batch_size > 0, "token_idx must be [M], M > 0");
+  fail(post_weight.numel() == channels && post_bias.numel() == channels, "post_weight/post_bias must be [C]");
+  fail(seen.numel() == batch && seen.scalar_type() == at::kLong, "seen must be int64 [B]");
+  fail(w.numel() == batch * heads * d * d && g_w.numel() == w.numel(), "W and G_W must be [B, H, d, d]");
+  fail(b.numel() == batch * heads * d && g_b.numel() == b.numel(), "b and G_b must be [B, H, 1, d]");
+  const auto dtype = q.scalar_type();
+  for (const at::Tensor* t : {&v, &lr_logits, &rope, &token_idx, &learnable_token_idx, &ln_weight, &ln_bias,
+                              &post_weight, &post_bias, &w, &b, &g_w, &g_b})
+    fail(t->scalar_type() == dtype && t->device().is_cpu(), "all floating inputs must share one dtype, on the CPU");
+
+  // Q and K [B, C] (after the convs), then RoPE in place on these fresh buffers.
+  at::Tensor xq, xk, new_conv_state;
+  if (has_conv) {
+    fail(conv_kernels.dim() == 3 && conv_kernels.size(0) == 2, "conv_kernels must be [2, C, K] (conv_q, conv_k)");
+    std::vector<at::Tensor> conv = conv_step(q, conv_state, conv_kernels, conv_biases);  // y [B, 1, 2, C]
+    xq = conv[0].select(2, 0).contiguous();
+    xk = conv[0].select(2, 1).contiguous();
+    new_conv_state = conv[1];
+  } else {
+    xq = q.contiguous().clone();
+    xk = k.contiguous().clone();
+    new_conv_state = at::empty({0}, q.options());
+  }
+  const at::Tensor seen_c = seen.contiguous();
+  const int64_t* seen_data = seen_c.data_ptr<int64_t>();
+  bool any_completes = false;
+  for (int64_t i = 0; i < batch; ++i) {
+    fail(seen_data[i] >= 0, "seen must not be negative");
+    any_completes = any_completes || (seen_data[i] % mini_batch_size == mini_batch_size - 1);
+  }
+  at::Tensor lr = at::empty({batch, heads, 1}, q.options()), scale = at::empty({mini_batch_size}, q.options());
+  at::Tensor inner_out = at::empty({batch, heads, 1, d}, q.options());
+  at::Tensor new_g_w = at::empty(g_w.sizes(), g_w.options()), new_g_b = at::empty(g_b.sizes(), g_b.options());
+  at::Tensor new_w, new_b;
+  if (any_completes) {
+    new_w = at::empty(w.sizes(), w.options());
+    new_b = at::empty(b.sizes(), b.options());
+  }
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  std::vector<at::Tensor> in;
+  for (const at::Tensor* t : {&v, &g, &lr_logits, &rope, &token_idx, &learnable_token_idx, &ln_weight, &ln_bias,
+                              &post_weight, &post_bias, &w, &b, &g_w, &g_b})
+    in.push_back(t->contiguous());
+
+  AT_DISPATCH_FLOATING_TYPES(dtype, "ttt_linear_decode_layer", [&] {
+    using T = scalar_t;
+    T *pq = xq.data_ptr<T>(), *pk = xk.data_ptr<T>();
+    const T *rot = in[3].data_ptr<T>(), *logits = in[2].data_ptr<T>();
+    for (int64_t i = 0; i < batch; ++i) {  // RoPE on adjacent pairs (2j, 2j+1) of each head
+      const T* r = rot + (seen_data[i] % mini_batch_size) * d;
+      for (T* x : {pq + i * channels, pk + i * channels})
+        for (int64_t h = 0; h < heads; ++h)
+          for (int64_t j = 0; j < d / 2; ++j) {
+            T* pair = x + h * d + 2 * j;
+            const T c = r[2 * j], s = r[2 * j + 1], even = pair[0], odd = pair[1];
+            pair[0] = even * c - odd * s;
+            pair[1] = odd * c + even * s;
+          }
+    }
+    T* plr = lr.data_ptr<T>();
+    for (int64_t r = 0; r < batch * heads; ++r)  // eta_base / d * sigmoid(theta_lr x + b)
+      plr[r] = static_cast<T>(lr_scale / (1.0 + std::exp(-static_cast<double>(logits[r]))));
+    T* ps = scale.data_ptr<T>();
+    const T *ti = in[4].data_ptr<T>(), *lti = in[5].data_ptr<T>();
+    for (int64_t m = 0; m < mini_batch_size; ++m) ps[m] = std::max(ti[m] + lti[m], T(0));  // clamp_min(., 0)
+
+    decode_rows<T>(batch * heads, heads, d, mini_batch_size, eps, pq, pk, in[0].data_ptr<T>(), plr, ps,
+                   in[6].data_ptr<T>(), in[7].data_ptr<T>(), in[10].data_ptr<T>(), in[11].data_ptr<T>(),
+                   in[12].data_ptr<T>(), in[13].data_ptr<T>(), seen_data, inner_out.data_ptr<T>(),
+                   any_completes ? new_w.data_ptr<T>() : nullptr, any_completes ? new_b.data_ptr<T>() : nullptr,
+                   new_g_w.data_ptr<T>(), new_g_b.data_ptr<T>(), any_completes);
+
+    // post_norm (LayerNorm over C), then the gate gelu_tanh(g) * .
+    const T *io = inner_out.data_ptr<T>(), *pw = in[8].data_ptr<T>(), *pb = in[9].data_ptr<T>();
+    const T* pg = has_gate ? in[1].data_ptr<T>() : nullptr;
+    T* po = out.data_ptr<T>();
+    const T sqrt_2_over_pi = static_cast<T>(0.7978845608028654);  // sqrt(2 / pi), as in tanh-GELU
+    for (int64_t i = 0; i < batch; ++i) {
+      double mean, rstd;
+      mean_rstd(io + i * channels, channels, post_eps, mean, rstd);
+      for (int64_t c = 0; c < channels; ++c) {
+        T y = static_cast<T>((io[i * channels + c] - mean) * rstd) * pw[c] + pb[c];
+        if (has_gate) {
+          const T x = pg[i * channels + c];
+          y *= static_cast<T>(0.5) * x * (T(1) + std::tanh(sqrt_2_over_pi * (x + T(0.044715) * x * x * x)));
+        }
+        po[i * channels + c] = y;
+      }
+    }
+  });
+  std::vector<at::Tensor> result = {out, new_conv_state, new_g_w, new_g_b};
+  if (any_completes) {
+    result.push_back(new_w);
+    result.push_back(new_b);
+  }
+  return result;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(modeling_ttt_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
   m.def("conv_step(Tensor x, Tensor state, Tensor kernels, Tensor biases) -> Tensor[]", &conv_step);
+  m.def(
+      "ttt_linear_decode_layer(Tensor q, Tensor k, Tensor v, Tensor g, Tensor lr_logits, Tensor conv_state, "
+      "Tensor conv_kernels, Tensor conv_biases, Tensor rope, Tensor token_idx, Tensor learnable_token_idx, "
+      "Tensor ln_weight, Tensor ln_bias, Tensor post_weight, Tensor post_bias, Tensor W, Tensor b, Tensor G_W, "
+      "Tensor G_b, Tensor seen, float lr_scale, float eps, float post_eps) -> Tensor[]",
+      &ttt_linear_decode_layer);
   m.def(
       "ttt_linear_decode(Tensor xq, Tensor xk, Tensor xv, Tensor inner_lr, Tensor token_scale, Tensor ln_weight, "
       "Tensor ln_bias, Tensor W, Tensor b, Tensor G_W, Tensor G_b, Tensor seen, float eps) -> Tensor[]",
