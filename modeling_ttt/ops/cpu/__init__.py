@@ -1,12 +1,17 @@
-"""A C++ CPU kernel for decoding with TTT-Linear: one token per row, no autograd (`ttt_decode.cpp`). Everything else
-(prefill, training, padding, TTT-MLP, other dtypes) runs the PyTorch reference, so `ttt_linear` / `ttt_mlp` here
-have the reference's signatures and results.
+"""C++ CPU kernels for decoding (`ttt_decode.cpp`), used under `ttt_impl="cpp"` (and `"auto"` on the CPU):
 
-Why: decoding a small model on a CPU spends more time launching PyTorch's ~35 small kernels per layer and token
-than computing them; the C++ step does the same arithmetic in one call.
+* `ttt_linear` here: [`modeling_ttt.ops.reference.ttt_linear`] with its one-token steps (no autograd) run by the
+  `ttt_linear_decode` kernel; everything else (prefill, training, padding, other dtypes) is the reference itself.
+  TTT-MLP has no kernel (`ttt_mlp` is the reference's).
+* `torch.ops.modeling_ttt_cpu.ttt_linear_decode_layer`: TTT-Linear's whole one-token layer step between its
+  projections (`TTTLinear.fused_decode_step`); `rms_norm` and `conv_step` for the RMSNorms and causal convs.
 
-The kernel is compiled on first use with `torch.utils.cpp_extension` (a C++ compiler and `ninja` are needed; about
-15 s, once per machine: torch caches the build under `~/.cache/torch_extensions`).
+Why: decoding a small model on a CPU spends more time launching PyTorch's small kernels (~50 per layer and token)
+than computing them; each C++ kernel does the same arithmetic in one call. `tests/test_ops_cpu.py` holds them to
+the reference.
+
+The kernels are compiled on first use with `torch.utils.cpp_extension` (a C++ compiler and `ninja` are needed;
+about 15 s, once per machine: torch caches the build under `~/.cache/torch_extensions`).
 """
 
 from __future__ import annotations
