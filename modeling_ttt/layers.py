@@ -25,15 +25,16 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
-        self.config = config  # its ttt_impl: "cpp" (or "auto" on the CPU) uses the C++ kernel without autograd
+        self.config = config  # its ttt_impl: "cpp" (or "auto" on the CPU) decodes with a C++ kernel (no autograd)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # x · rsqrt(mean(x²) + eps) in float32, then the weight in the input dtype (fused kernels)
         input_dtype = hidden_states.dtype
         shape = (hidden_states.shape[-1],)
-        if (self.config is not None and input_dtype == self.weight.dtype
+        if (self.config is not None and hidden_states.dim() == 3 and hidden_states.shape[1] == 1
+                and input_dtype == self.weight.dtype
                 and cpp_kernels_apply(self.config.ttt_impl, hidden_states, self.weight)):
-            # ATen's CPU rms_norm is a chain of ~10 small kernels; this is one (decoding calls it 3 times a layer)
+            # Decoding: ATen's CPU rms_norm is a chain of ~10 small kernels, this is one (3 per layer and token)
             return torch.ops.modeling_ttt_cpu.rms_norm(hidden_states, self.weight, self.variance_epsilon)
         if input_dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(hidden_states, shape, self.weight, eps=self.variance_epsilon)

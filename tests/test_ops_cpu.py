@@ -138,7 +138,7 @@ def test_conv_step_kernel_equals_torch(num_convs):
         torch.ops.modeling_ttt_cpu.conv_step(x, state[:, :2], kernels, biases)
 
 
-def test_rms_norm_module_uses_the_kernel_only_without_autograd(monkeypatch):
+def test_rms_norm_module_uses_the_kernel_only_to_decode_without_autograd(monkeypatch):
     from conftest import tiny_config
 
     from modeling_ttt.layers import RMSNorm
@@ -147,9 +147,10 @@ def test_rms_norm_module_uses_the_kernel_only_without_autograd(monkeypatch):
     kernel = torch.ops.modeling_ttt_cpu.rms_norm
     monkeypatch.setattr(torch.ops.modeling_ttt_cpu, "rms_norm", lambda *a: calls.append(1) or kernel(*a))
     norm = RMSNorm(32, eps=1e-6, config=tiny_config(ttt_impl="cpp"))
-    x = torch.randn(2, 3, 32)
+    x = torch.randn(2, 1, 32)  # one token per row
     with torch.no_grad():
         fast = norm(x)
+        norm(torch.randn(2, 3, 32))  # a chunk: PyTorch's op
     assert calls == [1]
     slow = norm(x)  # the weight requires grad: PyTorch's own op, differentiable
     assert calls == [1] and slow.requires_grad
