@@ -100,17 +100,10 @@ def _resolves_to_cpp(impl: str, environment: str | None) -> bool:
 
 def get_ttt_ops(impl: str, layer_type: str, device: torch.device | str, head_dim: int | None = None) -> Callable:
     """The inner-loop function (signature of `reference.ttt_linear` / `ttt_mlp`) for `layer_type` ("linear" or
-    "mlp") with implementation `impl` ("torch", "triton" or "auto", see `resolve_ttt_impl`) on `device`.
+    "mlp") with implementation `impl` ("torch", "triton", "cpp" or "auto", see `resolve_ttt_impl`) on `device`.
 
     With `head_dim` given, `"auto"` also falls back to the reference for head sizes the kernels do not handle
     (`modeling_ttt.ops.triton.MAX_HEAD_DIM`); an explicit `"triton"` raises `NotImplementedError` for them."""
-    # Layers ask on every forward (decoding: every token), so answers are remembered per environment.
-    environment = (os.environ.get(TTT_IMPL_ENV), os.environ.get("TRITON_INTERPRET"))
-    return _get_ttt_ops(impl, layer_type, str(device), head_dim, environment)
-
-
-@functools.lru_cache(maxsize=64)
-def _get_ttt_ops(impl: str, layer_type: str, device: str, head_dim: int | None, environment: tuple) -> Callable:
     if layer_type not in _REFERENCE_OPS:
         raise ValueError(f"layer_type must be one of {tuple(_REFERENCE_OPS)}, got {layer_type!r}.")
     resolved = resolve_ttt_impl(impl, device)
