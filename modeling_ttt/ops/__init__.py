@@ -1,5 +1,5 @@
 """Inner-loop math of TTT layers as pure functions over tensors (see `reference.py`, the spec), and the choice
-between the reference and the fused Triton kernels (`get_ttt_ops`)."""
+between the reference, the fused Triton kernels and the C++ CPU decoding kernels (`get_ttt_ops`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from transformers.utils import logging
 
 from .reference import InnerState, ttt_linear, ttt_mlp, ttt_sequential
 
-#: Environment variable that overrides `config.ttt_impl` (for benchmarking): "torch", "triton" or "auto".
+#: Environment variable that overrides `config.ttt_impl` (for benchmarking): "torch", "triton", "cpp" or "auto".
 TTT_IMPL_ENV = "TTT_IMPL"
 _IMPLEMENTATIONS = ("torch", "triton", "cpp", "auto")
 _REFERENCE_OPS = {"linear": ttt_linear, "mlp": ttt_mlp}
