@@ -13,7 +13,9 @@ from transformers.utils import can_return_tuple, logging
 
 from .cache import TTTCache
 from .configuration_ttt import TTTConfig
-from .layers import TTT_LAYER_CLASSES, RMSNorm, SwiGLUMLP, TTTConvBlock, TTTLayerBase
+from .layers import TTT_LAYER_CLASSES, RMSNorm, SwiGLUMLP, TTTConvBlock, TTTLayerBase, _conv_parameters
+from .ops import InnerState, cpp_kernels_apply
+from .ops.reference import LAYER_NORM_EPS
 
 logger = logging.get_logger(__name__)
 
@@ -23,6 +25,7 @@ class TTTBlock(GradientCheckpointingLayer):
 
     def __init__(self, config: TTTConfig, layer_idx: int):
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx
         self.pre_conv = config.pre_conv
         if self.pre_conv:
@@ -34,12 +37,84 @@ class TTTBlock(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor, num_tokens: torch.Tensor | None = None, past_key_values=None):
         """`past_key_values` here is this block's `TTTCacheLayer` (read, then overwritten with the new state)."""
+        if (hidden_states.shape[1] == 1 and num_tokens is None and past_key_values is not None
+                and past_key_values.inner_state is not None and self.decodes_in_one_kernel(hidden_states)):
+            return self.fused_decode_step(hidden_states, past_key_values)
         if self.pre_conv:
             hidden_states = hidden_states + self.conv(hidden_states, past_key_values, num_tokens)
         residual = hidden_states
         hidden_states = self.seq_modeling_block(self.seq_norm(hidden_states), past_key_values, num_tokens)
         hidden_states = residual + hidden_states
         return hidden_states + self.mlp(self.ffn_norm(hidden_states))
+
+
+    def decodes_in_one_kernel(self, hidden_states: torch.Tensor) -> bool:
+        """Whether this one-token step may run as one C++ kernel (`fused_decode_step`): no autograd, the C++ CPU
+        kernels apply (`ttt_impl`), TTT-Linear with a SiLU MLP, and every submodule is the plain module the kernel
+        reimplements, without hooks (a PEFT adapter or a quantized linear keeps the module-by-module path)."""
+        if torch.is_grad_enabled() or self.config.ttt_layer_type != "linear" or self.config.hidden_act != "silu":
+            return False
+        if not cpp_kernels_apply(self.config.ttt_impl, hidden_states):
+            return False
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return False
+        modules = self._modules  # direct dict reads: this runs for every block and token
+        layer, mlp = modules["seq_modeling_block"], modules["mlp"]
+        linears = [mlp._modules[name] for name in ("gate_proj", "up_proj", "down_proj")]
+        linears += [module for name, module in layer._modules.items() if name in _LINEAR_NAMES]
+        if any(type(linear) is not nn.Linear or linear.bias is not None for linear in linears):
+            return False
+        if linears[0].weight.dtype != hidden_states.dtype:
+            return False
+        convs = modules["conv"]._modules.values() if self.pre_conv else ()
+        for module in (self, layer, mlp, *linears, *layer._modules.values(), *mlp._modules.values(), *modules.values(),
+                       *convs):
+            if module._forward_hooks or module._forward_pre_hooks:
+                return False
+        return True
+
+    def fused_decode_step(self, hidden_states: torch.Tensor, layer_state) -> torch.Tensor:
+        """`forward` for one token per row, as one C++ kernel (`modeling_ttt.ops.cpu`): the same arithmetic as the
+        modules (tests/test_ops_cpu.py), without ~15 module calls and ~25 kernel launches per block."""
+        layer, mlp, state = self.seq_modeling_block, self.mlp, layer_state.inner_state
+        empty = hidden_states.new_empty(0)
+        batch = hidden_states.shape[0]
+        if self.pre_conv:
+            pre_kernels, pre_biases = _conv_parameters(self.conv.conv)
+            pre_state = layer_state.conv_states.get("pre_conv")
+            if pre_state is None:
+                pre_state = hidden_states.new_zeros(batch, pre_kernels.shape[-1] - 1, layer.hidden_size)
+            pre_norm = self.conv.norm.weight
+        else:
+            pre_kernels = pre_biases = pre_state = pre_norm = empty
+        if layer.share_qk:
+            qk_kernels, qk_biases = layer.qk_conv_parameters()
+            qk_state = layer_state.conv_states.get("qk")
+            if qk_state is None:
+                qk_state = hidden_states.new_zeros(batch, qk_kernels.shape[-1] - 1, layer.hidden_size)
+        else:
+            qk_kernels = qk_biases = qk_state = empty
+        outputs = torch.ops.modeling_ttt_cpu.ttt_linear_decode_block(
+            hidden_states, pre_norm, pre_kernels, pre_biases, pre_state, self.seq_norm.weight, layer.q_proj.weight,
+            empty if layer.share_qk else layer.k_proj.weight, layer.v_proj.weight,
+            layer.g_proj.weight if layer.use_gate else empty, layer.o_proj.weight,
+            layer.learnable_ttt_lr_weight.view(layer.num_heads, layer.hidden_size),
+            layer.learnable_ttt_lr_bias.view(layer.num_heads), qk_kernels, qk_biases, qk_state, layer.rope_rotation,
+            layer.token_idx, layer.learnable_token_idx, layer.ttt_norm_weight, layer.ttt_norm_bias,
+            layer.post_norm.weight, layer.post_norm.bias, self.ffn_norm.weight, mlp.gate_proj.weight,
+            mlp.up_proj.weight, mlp.down_proj.weight, *state.weights, *state.grads, state.seen,
+            self.config.ttt_base_lr / layer.head_dim, LAYER_NORM_EPS, layer.post_norm.eps, self.seq_norm.variance_epsilon)
+        hidden_states, pre_state, qk_state, grad_w, grad_b = outputs[:5]
+        if self.pre_conv:
+            layer_state.conv_states["pre_conv"] = pre_state
+        if layer.share_qk:
+            layer_state.conv_states["qk"] = qk_state
+        weights = tuple(outputs[5:]) if len(outputs) == 7 else state.weights  # changed where a mini-batch ends
+        layer_state.inner_state = InnerState(weights, (grad_w, grad_b), state.seen + 1)
+        return hidden_states
+
+
+_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "g_proj")
 
 
 class TTTPreTrainedModel(PreTrainedModel):

@@ -187,3 +187,55 @@ def test_fused_layer_step_equals_the_layer_forward(backbone):
     assert fused_state.conv_states.keys() == state.conv_states.keys()
     for name in state.conv_states:
         assert torch.equal(fused_state.conv_states[name], state.conv_states[name])
+
+
+@pytest.mark.parametrize("backbone", ["mamba", "transformer"])
+def test_fused_block_step_equals_the_module_path(backbone, monkeypatch):
+    """A whole block's one-token step as one kernel (projections included) against the module-by-module path,
+    float64, rows at different positions: outputs, conv states and inner states."""
+    import copy
+
+    from modeling_ttt.cache import TTTCacheLayer
+
+    model = tiny_model("linear", backbone).double()
+    block = model.model.layers[0]
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
+        hidden = torch.randn(3, 20, block.config.hidden_size, generator=gen, dtype=torch.float64)
+        state = TTTCacheLayer()
+        block(hidden[:, :7], num_tokens=torch.tensor([7, 2, 5]), past_key_values=state)
+        fused_state = copy.deepcopy(state)
+        for t in range(7, 20):
+            assert block.decodes_in_one_kernel(hidden[:, t : t + 1])
+            got = block(hidden[:, t : t + 1], past_key_values=fused_state)
+            with monkeypatch.context() as patch:  # the module-by-module path
+                patch.setattr(block, "decodes_in_one_kernel", lambda hidden_states: False)
+                expected = block(hidden[:, t : t + 1], past_key_values=state)
+            torch.testing.assert_close(got, expected, atol=1e-12, rtol=0, msg=f"token {t}")
+    assert_states_close(fused_state.inner_state, state.inner_state, atol=1e-12)
+    for name in state.conv_states:
+        assert torch.equal(fused_state.conv_states[name], state.conv_states[name])
+
+
+def test_fused_block_step_steps_aside_for_adapters_and_hooks():
+    """A replaced projection (as PEFT does), a projection bias or a forward hook keeps the module-by-module path."""
+    block = tiny_model("linear", "mamba").model.layers[0]
+    x = torch.randn(2, 1, block.config.hidden_size)
+    with torch.no_grad():
+        assert block.decodes_in_one_kernel(x)
+        assert not block.decodes_in_one_kernel(x.double())  # weights are float32
+        handle = block.mlp.up_proj.register_forward_hook(lambda *args: None)
+        assert not block.decodes_in_one_kernel(x)
+        handle.remove()
+        assert block.decodes_in_one_kernel(x)
+
+        class Adapter(torch.nn.Linear):
+            pass
+
+        original = block.seq_modeling_block.q_proj
+        block.seq_modeling_block.q_proj = Adapter(original.in_features, original.out_features, bias=False)
+        assert not block.decodes_in_one_kernel(x)
+        block.seq_modeling_block.q_proj = original
+    assert not block.decodes_in_one_kernel(x)  # autograd on

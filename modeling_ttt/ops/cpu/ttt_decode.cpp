@@ -395,6 +395,43 @@ std::vector<at::Tensor> ttt_linear_decode_layer(
   return result;
 }
 
+// A whole TTT block (TTTBlock.forward, TTT-Linear, SwiGLU with SiLU) for one token per row, projections included
+// (at::linear, i.e. the same BLAS calls as nn.Linear): [h + conv(rms(h))] -> h + o_proj(layer step) -> h + MLP.
+// Empty tensors stand for absent parts (no pre-conv; separate k projection instead of Q/K convs; no gate). Returns
+// [h, pre-conv state, Q/K conv state, G_W, G_b] and, when some row ends its mini-batch, [W0, b0].
+std::vector<at::Tensor> ttt_linear_decode_block(
+    const at::Tensor& h_in, const at::Tensor& pre_norm_weight, const at::Tensor& pre_conv_kernels,
+    const at::Tensor& pre_conv_biases, const at::Tensor& pre_conv_state, const at::Tensor& seq_norm_weight,
+    const at::Tensor& q_weight, const at::Tensor& k_weight, const at::Tensor& v_weight, const at::Tensor& g_weight,
+    const at::Tensor& o_weight, const at::Tensor& lr_weight, const at::Tensor& lr_bias,
+    const at::Tensor& qk_conv_kernels, const at::Tensor& qk_conv_biases, const at::Tensor& qk_conv_state,
+    const at::Tensor& rope, const at::Tensor& token_idx, const at::Tensor& learnable_token_idx,
+    const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& post_weight, const at::Tensor& post_bias,
+    const at::Tensor& ffn_norm_weight, const at::Tensor& gate_weight, const at::Tensor& up_weight,
+    const at::Tensor& down_weight, const at::Tensor& w, const at::Tensor& b, const at::Tensor& g_w,
+    const at::Tensor& g_b, const at::Tensor& seen, double lr_scale, double eps, double post_eps, double rms_eps) {
+  check(h_in.dim() == 3 && h_in.size(1) == 1, "ttt_linear_decode_block: h must be [B, 1, C] (one token per row)");
+  at::Tensor h = h_in, pre_state = at::empty({0}, h_in.options());
+  if (pre_conv_kernels.numel() > 0) {
+    std::vector<at::Tensor> conv = conv_step(rms_norm(h, pre_norm_weight, rms_eps), pre_conv_state, pre_conv_kernels,
+                                             pre_conv_biases);
+    h = h + conv[0].select(2, 0);
+    pre_state = conv[1];
+  }
+  const at::Tensor x = rms_norm(h, seq_norm_weight, rms_eps), empty = at::empty({0}, h_in.options());
+  std::vector<at::Tensor> layer = ttt_linear_decode_layer(
+      at::linear(x, q_weight), k_weight.numel() > 0 ? at::linear(x, k_weight) : empty, at::linear(x, v_weight),
+      g_weight.numel() > 0 ? at::linear(x, g_weight) : empty, at::linear(x, lr_weight, lr_bias), qk_conv_state,
+      qk_conv_kernels, qk_conv_biases, rope, token_idx, learnable_token_idx, ln_weight, ln_bias, post_weight,
+      post_bias, w, b, g_w, g_b, seen, lr_scale, eps, post_eps);
+  h = h + at::linear(layer[0], o_weight);
+  const at::Tensor y = rms_norm(h, ffn_norm_weight, rms_eps);
+  h = h + at::linear(at::silu(at::linear(y, gate_weight)) * at::linear(y, up_weight), down_weight);
+  std::vector<at::Tensor> result = {h, pre_state, layer[1], layer[2], layer[3]};
+  for (size_t i = 4; i < layer.size(); ++i) result.push_back(layer[i]);
+  return result;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(modeling_ttt_cpu, m) {
@@ -406,6 +443,15 @@ TORCH_LIBRARY(modeling_ttt_cpu, m) {
       "Tensor ln_weight, Tensor ln_bias, Tensor post_weight, Tensor post_bias, Tensor W, Tensor b, Tensor G_W, "
       "Tensor G_b, Tensor seen, float lr_scale, float eps, float post_eps) -> Tensor[]",
       &ttt_linear_decode_layer);
+  m.def(
+      "ttt_linear_decode_block(Tensor h, Tensor pre_norm_weight, Tensor pre_conv_kernels, Tensor pre_conv_biases, "
+      "Tensor pre_conv_state, Tensor seq_norm_weight, Tensor q_weight, Tensor k_weight, Tensor v_weight, "
+      "Tensor g_weight, Tensor o_weight, Tensor lr_weight, Tensor lr_bias, Tensor qk_conv_kernels, "
+      "Tensor qk_conv_biases, Tensor qk_conv_state, Tensor rope, Tensor token_idx, Tensor learnable_token_idx, "
+      "Tensor ln_weight, Tensor ln_bias, Tensor post_weight, Tensor post_bias, Tensor ffn_norm_weight, "
+      "Tensor gate_weight, Tensor up_weight, Tensor down_weight, Tensor W, Tensor b, Tensor G_W, Tensor G_b, "
+      "Tensor seen, float lr_scale, float eps, float post_eps, float rms_eps) -> Tensor[]",
+      &ttt_linear_decode_block);
   m.def(
       "ttt_linear_decode(Tensor xq, Tensor xk, Tensor xv, Tensor inner_lr, Tensor token_scale, Tensor ln_weight, "
       "Tensor ln_bias, Tensor W, Tensor b, Tensor G_W, Tensor G_b, Tensor seen, float eps) -> Tensor[]",
