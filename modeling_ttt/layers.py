@@ -17,6 +17,7 @@ from transformers.activations import ACT2FN
 
 from .configuration_ttt import TTTConfig
 from .ops import InnerState, cpp_kernels_apply, get_ttt_ops
+from .ops.cpu import state_after as cpu_state_after
 from .ops.reference import LAYER_NORM_EPS
 
 
@@ -90,6 +91,13 @@ def causal_depthwise_conv(
         return y, extended[:, seq_len:]
     index = num_tokens.view(batch, 1, 1) + torch.arange(width - 1, device=x.device).view(1, -1, 1)
     return y, torch.gather(extended, 1, index.expand(batch, width - 1, channels))
+
+
+def conv_state_or_zeros(layer_state, name: str, kernels: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The conv state `name` of `layer_state`, or zeros `[B, K-1, C]` for a fresh sequence (as the C++ kernels
+    take it)."""
+    state = layer_state.conv_states.get(name)
+    return state if state is not None else x.new_zeros(x.shape[0], kernels.shape[-1] - 1, x.shape[-1])
 
 
 def _conv_parameters(*convs: nn.Conv1d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,30 +295,39 @@ class TTTLinear(TTTLayerBase):
     def fused_decode_step(self, hidden_states: torch.Tensor, layer_state) -> torch.Tensor:
         """`forward` for one token per row continuing `layer_state`, without autograd, on the CPU: the projections
         here, everything between them in one C++ kernel (`modeling_ttt.ops.cpu`, same results)."""
-        state = layer_state.inner_state
-        empty = hidden_states.new_empty(0)
-        q = self.q_proj(hidden_states)
-        k = self.k_proj(hidden_states) if not self.share_qk else empty
-        if self.share_qk:
-            kernels, biases = self.qk_conv_parameters()
-            conv_state = layer_state.conv_states.get("qk")
-            if conv_state is None:
-                conv_state = hidden_states.new_zeros(hidden_states.shape[0], kernels.shape[-1] - 1, self.hidden_size)
-        else:
-            kernels = biases = conv_state = empty
+        state, empty = layer_state.inner_state, hidden_states.new_empty(0)
         lr_logits = F.linear(hidden_states, self.learnable_ttt_lr_weight.view(self.num_heads, self.hidden_size),
                              self.learnable_ttt_lr_bias.view(self.num_heads))
         outputs = torch.ops.modeling_ttt_cpu.ttt_linear_decode_layer(
-            q, k, self.v_proj(hidden_states), self.g_proj(hidden_states) if self.use_gate else empty, lr_logits,
-            conv_state, kernels, biases, self.rope_rotation, self.token_idx, self.learnable_token_idx,
-            self.ttt_norm_weight, self.ttt_norm_bias, self.post_norm.weight, self.post_norm.bias, *state.weights,
-            *state.grads, state.seen, self.config.ttt_base_lr / self.head_dim, LAYER_NORM_EPS, self.post_norm.eps)
-        out, conv_state, grad_w, grad_b = outputs[:4]
+            self.q_proj(hidden_states), empty if self.share_qk else self.k_proj(hidden_states),
+            self.v_proj(hidden_states), self.g_proj(hidden_states) if self.use_gate else empty, lr_logits,
+            *self.qk_decode_inputs(hidden_states, layer_state), *self.decode_parameters(), *state.weights,
+            *state.grads, state.seen, *self.decode_constants())
+        self.store_decode_state(layer_state, outputs[1], outputs[2:])
+        return self.o_proj(outputs[0])
+
+    # -- what the C++ decoding kernels take and give (shared by this layer's and TTTBlock's fused steps) ----------
+
+    def qk_decode_inputs(self, hidden_states: torch.Tensor, layer_state) -> tuple[torch.Tensor, ...]:
+        """(conv state, kernels, biases) of the Q/K convs; empty tensors without them (separate k_proj)."""
+        if not self.share_qk:
+            empty = hidden_states.new_empty(0)
+            return empty, empty, empty
+        kernels, biases = self.qk_conv_parameters()
+        return conv_state_or_zeros(layer_state, "qk", kernels, hidden_states), kernels, biases
+
+    def decode_parameters(self) -> tuple[torch.Tensor, ...]:
+        return (self.rope_rotation, self.token_idx, self.learnable_token_idx, self.ttt_norm_weight,
+                self.ttt_norm_bias, self.post_norm.weight, self.post_norm.bias)
+
+    def decode_constants(self) -> tuple[float, ...]:
+        """(inner learning-rate scale η_base/d, inner LayerNorm eps, post-norm eps)."""
+        return self.config.ttt_base_lr / self.head_dim, LAYER_NORM_EPS, self.post_norm.eps
+
+    def store_decode_state(self, layer_state, qk_state: torch.Tensor, kernel_state) -> None:
         if self.share_qk:
-            layer_state.conv_states["qk"] = conv_state
-        weights = tuple(outputs[4:]) if len(outputs) == 6 else state.weights  # changed where a mini-batch ends
-        layer_state.inner_state = InnerState(weights, (grad_w, grad_b), state.seen + 1)
-        return self.o_proj(out)
+            layer_state.conv_states["qk"] = qk_state
+        layer_state.inner_state = cpu_state_after(layer_state.inner_state, kernel_state)
 
     def __init__(self, config: TTTConfig, layer_idx: int):
         super().__init__(config, layer_idx)

@@ -13,9 +13,9 @@ from transformers.utils import can_return_tuple, logging
 
 from .cache import TTTCache
 from .configuration_ttt import TTTConfig
-from .layers import TTT_LAYER_CLASSES, RMSNorm, SwiGLUMLP, TTTConvBlock, TTTLayerBase, _conv_parameters
-from .ops import InnerState, cpp_kernels_apply
-from .ops.reference import LAYER_NORM_EPS
+from .layers import (TTT_LAYER_CLASSES, RMSNorm, SwiGLUMLP, TTTConvBlock, TTTLayerBase, _conv_parameters,
+                     conv_state_or_zeros)
+from .ops import cpp_kernels_apply
 
 logger = logging.get_logger(__name__)
 
@@ -78,40 +78,25 @@ class TTTBlock(GradientCheckpointingLayer):
         modules (tests/test_ops_cpu.py), without ~15 module calls and ~25 kernel launches per block."""
         layer, mlp, state = self.seq_modeling_block, self.mlp, layer_state.inner_state
         empty = hidden_states.new_empty(0)
-        batch = hidden_states.shape[0]
         if self.pre_conv:
             pre_kernels, pre_biases = _conv_parameters(self.conv.conv)
-            pre_state = layer_state.conv_states.get("pre_conv")
-            if pre_state is None:
-                pre_state = hidden_states.new_zeros(batch, pre_kernels.shape[-1] - 1, layer.hidden_size)
-            pre_norm = self.conv.norm.weight
+            pre_conv = (self.conv.norm.weight, pre_kernels, pre_biases,
+                        conv_state_or_zeros(layer_state, "pre_conv", pre_kernels, hidden_states))
         else:
-            pre_kernels = pre_biases = pre_state = pre_norm = empty
-        if layer.share_qk:
-            qk_kernels, qk_biases = layer.qk_conv_parameters()
-            qk_state = layer_state.conv_states.get("qk")
-            if qk_state is None:
-                qk_state = hidden_states.new_zeros(batch, qk_kernels.shape[-1] - 1, layer.hidden_size)
-        else:
-            qk_kernels = qk_biases = qk_state = empty
+            pre_conv = (empty, empty, empty, empty)
         outputs = torch.ops.modeling_ttt_cpu.ttt_linear_decode_block(
-            hidden_states, pre_norm, pre_kernels, pre_biases, pre_state, self.seq_norm.weight, layer.q_proj.weight,
+            hidden_states, *pre_conv, self.seq_norm.weight, layer.q_proj.weight,
             empty if layer.share_qk else layer.k_proj.weight, layer.v_proj.weight,
             layer.g_proj.weight if layer.use_gate else empty, layer.o_proj.weight,
             layer.learnable_ttt_lr_weight.view(layer.num_heads, layer.hidden_size),
-            layer.learnable_ttt_lr_bias.view(layer.num_heads), qk_kernels, qk_biases, qk_state, layer.rope_rotation,
-            layer.token_idx, layer.learnable_token_idx, layer.ttt_norm_weight, layer.ttt_norm_bias,
-            layer.post_norm.weight, layer.post_norm.bias, self.ffn_norm.weight, mlp.gate_proj.weight,
-            mlp.up_proj.weight, mlp.down_proj.weight, *state.weights, *state.grads, state.seen,
-            self.config.ttt_base_lr / layer.head_dim, LAYER_NORM_EPS, layer.post_norm.eps, self.seq_norm.variance_epsilon)
-        hidden_states, pre_state, qk_state, grad_w, grad_b = outputs[:5]
+            layer.learnable_ttt_lr_bias.view(layer.num_heads), *layer.qk_decode_inputs(hidden_states, layer_state),
+            *layer.decode_parameters(), self.ffn_norm.weight, mlp.gate_proj.weight, mlp.up_proj.weight,
+            mlp.down_proj.weight, *state.weights, *state.grads, state.seen, *layer.decode_constants(),
+            self.seq_norm.variance_epsilon)
         if self.pre_conv:
-            layer_state.conv_states["pre_conv"] = pre_state
-        if layer.share_qk:
-            layer_state.conv_states["qk"] = qk_state
-        weights = tuple(outputs[5:]) if len(outputs) == 7 else state.weights  # changed where a mini-batch ends
-        layer_state.inner_state = InnerState(weights, (grad_w, grad_b), state.seen + 1)
-        return hidden_states
+            layer_state.conv_states["pre_conv"] = outputs[1]
+        layer.store_decode_state(layer_state, outputs[2], outputs[3:])
+        return outputs[0]
 
 
 _LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "g_proj")

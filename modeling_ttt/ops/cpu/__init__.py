@@ -96,11 +96,16 @@ def ttt_linear(
                            "ttt_impl='torch' (or 'auto', which then uses the PyTorch reference).")
     outputs = torch.ops.modeling_ttt_cpu.ttt_linear_decode(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias,
                                                            *state.weights, *state.grads, state.seen, LAYER_NORM_EPS)
-    out, grad_w, grad_b = outputs[:3]
-    weights = tuple(outputs[3:]) if len(outputs) == 5 else state.weights  # changed only where a mini-batch ends
-    return out, InnerState(weights, (grad_w, grad_b), state.seen + 1)
+    return outputs[0], state_after(state, outputs[1:])
+
+
+def state_after(state: InnerState, kernel_state: list[torch.Tensor]) -> InnerState:
+    """The inner state after one decoded token, from the tail every kernel here returns: `[G_W, G_b]`, plus
+    `[W0, b0]` when some row ended its mini-batch (otherwise `W0, b0` are unchanged and shared with `state`)."""
+    weights = tuple(kernel_state[2:]) or state.weights
+    return InnerState(weights, tuple(kernel_state[:2]), state.seen + 1)
 
 
 ttt_mlp = reference.ttt_mlp  # TTT-MLP decodes with the reference
 
-__all__ = ["ttt_linear", "ttt_mlp", "build_error", "decodes"]
+__all__ = ["ttt_linear", "ttt_mlp", "build_error", "decodes", "state_after"]

@@ -406,7 +406,7 @@ std::vector<at::Tensor> ttt_linear_decode_block(
     const at::Tensor& pre_conv_biases, const at::Tensor& pre_conv_state, const at::Tensor& seq_norm_weight,
     const at::Tensor& q_weight, const at::Tensor& k_weight, const at::Tensor& v_weight, const at::Tensor& g_weight,
     const at::Tensor& o_weight, const at::Tensor& lr_weight, const at::Tensor& lr_bias,
-    const at::Tensor& qk_conv_kernels, const at::Tensor& qk_conv_biases, const at::Tensor& qk_conv_state,
+    const at::Tensor& qk_conv_state, const at::Tensor& qk_conv_kernels, const at::Tensor& qk_conv_biases,
     const at::Tensor& rope, const at::Tensor& token_idx, const at::Tensor& learnable_token_idx,
     const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& post_weight, const at::Tensor& post_bias,
     const at::Tensor& ffn_norm_weight, const at::Tensor& gate_weight, const at::Tensor& up_weight,
@@ -448,8 +448,8 @@ TORCH_LIBRARY(modeling_ttt_cpu, m) {
   m.def(
       "ttt_linear_decode_block(Tensor h, Tensor pre_norm_weight, Tensor pre_conv_kernels, Tensor pre_conv_biases, "
       "Tensor pre_conv_state, Tensor seq_norm_weight, Tensor q_weight, Tensor k_weight, Tensor v_weight, "
-      "Tensor g_weight, Tensor o_weight, Tensor lr_weight, Tensor lr_bias, Tensor qk_conv_kernels, "
-      "Tensor qk_conv_biases, Tensor qk_conv_state, Tensor rope, Tensor token_idx, Tensor learnable_token_idx, "
+      "Tensor g_weight, Tensor o_weight, Tensor lr_weight, Tensor lr_bias, Tensor qk_conv_state, "
+      "Tensor qk_conv_kernels, Tensor qk_conv_biases, Tensor rope, Tensor token_idx, Tensor learnable_token_idx, "
       "Tensor ln_weight, Tensor ln_bias, Tensor post_weight, Tensor post_bias, Tensor ffn_norm_weight, "
       "Tensor gate_weight, Tensor up_weight, Tensor down_weight, Tensor W, Tensor b, Tensor G_W, Tensor G_b, "
       "Tensor seen, float lr_scale, float eps, float post_eps, float rms_eps) -> Tensor[]",
