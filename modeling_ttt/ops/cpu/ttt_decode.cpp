@@ -302,8 +302,6 @@ std::vector<at::Tensor> ttt_linear_decode_layer(
   fail(learnable_token_idx.numel() == mini_batch_size && mini_batch_size > 0, "token_idx must be [M], M > 0");
   fail(post_weight.numel() == channels && post_bias.numel() == channels, "post_weight/post_bias must be [C]");
   fail(seen.numel() == batch && seen.scalar_type() == at::kLong, "seen must be int64 [B]");
-  fail(w.numel() == batch * heads * d * d && g_w.numel() == w.numel(), "W and G_W must be [B, H, d, d]");
-  fail(b.numel() == batch * heads * d && g_b.numel() == b.numel(), "b and G_b must be [B, H, 1, d]");
   const auto dtype = q.scalar_type();
   for (const at::Tensor* t : {&v, &lr_logits, &rope, &token_idx, &learnable_token_idx, &ln_weight, &ln_bias,
                               &post_weight, &post_bias, &w, &b, &g_w, &g_b})
@@ -324,29 +322,14 @@ std::vector<at::Tensor> ttt_linear_decode_layer(
   }
   const at::Tensor seen_c = seen.contiguous();
   const int64_t* seen_data = seen_c.data_ptr<int64_t>();
-  bool any_completes = false;
-  for (int64_t i = 0; i < batch; ++i) {
-    fail(seen_data[i] >= 0, "seen must not be negative");
-    any_completes = any_completes || (seen_data[i] % mini_batch_size == mini_batch_size - 1);
-  }
+  for (int64_t i = 0; i < batch; ++i) fail(seen_data[i] >= 0, "seen must not be negative");
   at::Tensor lr = at::empty({batch, heads, 1}, q.options()), scale = at::empty({mini_batch_size}, q.options());
-  at::Tensor inner_out = at::empty({batch, heads, 1, d}, q.options());
-  at::Tensor new_g_w = at::empty(g_w.sizes(), g_w.options()), new_g_b = at::empty(g_b.sizes(), g_b.options());
-  at::Tensor new_w, new_b;
-  if (any_completes) {
-    new_w = at::empty(w.sizes(), w.options());
-    new_b = at::empty(b.sizes(), b.options());
-  }
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  std::vector<at::Tensor> in;
-  for (const at::Tensor* t : {&v, &g, &lr_logits, &rope, &token_idx, &learnable_token_idx, &ln_weight, &ln_bias,
-                              &post_weight, &post_bias, &w, &b, &g_w, &g_b})
-    in.push_back(t->contiguous());
-
+  const at::Tensor logits_c = lr_logits.contiguous(), rope_c = rope.contiguous(), idx_c = token_idx.contiguous(),
+                   learnable_c = learnable_token_idx.contiguous();
   AT_DISPATCH_FLOATING_TYPES(dtype, "ttt_linear_decode_layer", [&] {
     using T = scalar_t;
     T *pq = xq.data_ptr<T>(), *pk = xk.data_ptr<T>();
-    const T *rot = in[3].data_ptr<T>(), *logits = in[2].data_ptr<T>();
+    const T *rot = rope_c.data_ptr<T>(), *logits = logits_c.data_ptr<T>();
     for (int64_t i = 0; i < batch; ++i) {  // RoPE on adjacent pairs (2j, 2j+1) of each head
       const T* r = rot + (seen_data[i] % mini_batch_size) * d;
       for (T* x : {pq + i * channels, pk + i * channels})
@@ -362,18 +345,23 @@ std::vector<at::Tensor> ttt_linear_decode_layer(
     for (int64_t r = 0; r < batch * heads; ++r)  // eta_base / d * sigmoid(theta_lr x + b)
       plr[r] = static_cast<T>(lr_scale / (1.0 + std::exp(-static_cast<double>(logits[r]))));
     T* ps = scale.data_ptr<T>();
-    const T *ti = in[4].data_ptr<T>(), *lti = in[5].data_ptr<T>();
+    const T *ti = idx_c.data_ptr<T>(), *lti = learnable_c.data_ptr<T>();
     for (int64_t m = 0; m < mini_batch_size; ++m) ps[m] = std::max(ti[m] + lti[m], T(0));  // clamp_min(., 0)
+  });
 
-    decode_rows<T>(batch * heads, heads, d, mini_batch_size, eps, pq, pk, in[0].data_ptr<T>(), plr, ps,
-                   in[6].data_ptr<T>(), in[7].data_ptr<T>(), in[10].data_ptr<T>(), in[11].data_ptr<T>(),
-                   in[12].data_ptr<T>(), in[13].data_ptr<T>(), seen_data, inner_out.data_ptr<T>(),
-                   any_completes ? new_w.data_ptr<T>() : nullptr, any_completes ? new_b.data_ptr<T>() : nullptr,
-                   new_g_w.data_ptr<T>(), new_g_b.data_ptr<T>(), any_completes);
+  // The inner step (its own checks, allocations and the weights returned only where a mini-batch ends).
+  const std::vector<int64_t> per_head = {batch, heads, 1, d};
+  std::vector<at::Tensor> result = ttt_linear_decode(xq.view(per_head), xk.view(per_head), v.contiguous().view(per_head),
+                                                     lr, scale, ln_weight, ln_bias, w, b, g_w, g_b, seen, eps);
 
-    // post_norm (LayerNorm over C), then the gate gelu_tanh(g) * .
-    const T *io = inner_out.data_ptr<T>(), *pw = in[8].data_ptr<T>(), *pb = in[9].data_ptr<T>();
-    const T* pg = has_gate ? in[1].data_ptr<T>() : nullptr;
+  // post_norm (LayerNorm over C), then the gate gelu_tanh(g) * ; result[0] becomes the layer's output.
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  const at::Tensor inner_out = result[0], pw_c = post_weight.contiguous(), pb_c = post_bias.contiguous(),
+                   g_c = g.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(dtype, "ttt_linear_decode_layer_post", [&] {
+    using T = scalar_t;
+    const T *io = inner_out.data_ptr<T>(), *pw = pw_c.data_ptr<T>(), *pb = pb_c.data_ptr<T>();
+    const T* pg = has_gate ? g_c.data_ptr<T>() : nullptr;
     T* po = out.data_ptr<T>();
     const T sqrt_2_over_pi = static_cast<T>(0.7978845608028654);  // sqrt(2 / pi), as in tanh-GELU
     for (int64_t i = 0; i < batch; ++i) {
@@ -389,11 +377,8 @@ std::vector<at::Tensor> ttt_linear_decode_layer(
       }
     }
   });
-  std::vector<at::Tensor> result = {out, new_conv_state, new_g_w, new_g_b};
-  if (any_completes) {
-    result.push_back(new_w);
-    result.push_back(new_b);
-  }
+  result[0] = out;
+  result.insert(result.begin() + 1, new_conv_state);
   return result;
 }
 
