@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.activations import SiLUActivation
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
@@ -13,9 +15,9 @@ from transformers.utils import can_return_tuple, logging
 
 from .cache import TTTCache
 from .configuration_ttt import TTTConfig
-from .layers import (TTT_LAYER_CLASSES, RMSNorm, SwiGLUMLP, TTTConvBlock, TTTLayerBase, _conv_parameters,
-                     conv_state_or_zeros)
-from .ops import cpp_kernels_apply
+from .layers import TTT_LAYER_CLASSES, RMSNorm, SwiGLUMLP, TTTConvBlock, TTTLayerBase, TTTLinear
+from .ops import InnerState, cpp_kernels_apply
+from .ops.reference import LAYER_NORM_EPS
 
 logger = logging.get_logger(__name__)
 
@@ -38,8 +40,10 @@ class TTTBlock(GradientCheckpointingLayer):
     def forward(self, hidden_states: torch.Tensor, num_tokens: torch.Tensor | None = None, past_key_values=None):
         """`past_key_values` here is this block's `TTTCacheLayer` (read, then overwritten with the new state)."""
         if (hidden_states.shape[1] == 1 and num_tokens is None and past_key_values is not None
-                and past_key_values.inner_state is not None and self.decodes_in_one_kernel(hidden_states)):
-            return self.fused_decode_step(hidden_states, past_key_values)
+                and past_key_values.inner_state is not None):
+            arguments = self.fused_decode_arguments(hidden_states)
+            if arguments is not None:
+                return self.fused_decode_step(hidden_states, past_key_values, arguments)
         if self.pre_conv:
             hidden_states = hidden_states + self.conv(hidden_states, past_key_values, num_tokens)
         residual = hidden_states
@@ -47,59 +51,154 @@ class TTTBlock(GradientCheckpointingLayer):
         hidden_states = residual + hidden_states
         return hidden_states + self.mlp(self.ffn_norm(hidden_states))
 
-
-    def decodes_in_one_kernel(self, hidden_states: torch.Tensor) -> bool:
-        """Whether this one-token step may run as one C++ kernel (`fused_decode_step`): no autograd, the C++ CPU
-        kernels apply (`ttt_impl`), TTT-Linear with a SiLU MLP, and every submodule is the plain module the kernel
-        reimplements, without hooks (a PEFT adapter or a quantized linear keeps the module-by-module path)."""
-        if torch.is_grad_enabled() or self.config.ttt_layer_type != "linear" or self.config.hidden_act != "silu":
-            return False
-        if not cpp_kernels_apply(self.config.ttt_impl, hidden_states):
-            return False
+    def fused_decode_arguments(self, hidden_states: torch.Tensor) -> list[torch.Tensor] | None:
+        """The `params` of the C++ block kernel (`ttt_linear_decode_block`, order `BlockParam` in
+        `ops/cpu/ttt_decode.cpp`) when this one-token step may run as that one kernel, else `None`: it needs no
+        autograd, the C++ kernels to apply (`ttt_impl`), TTT-Linear with a SiLU MLP, and every submodule to be the
+        plain module the kernel reimplements, without hooks (a PEFT adapter, a quantized linear or a hook keeps the
+        module-by-module path). Runs for every block and token: direct dict reads, no tensor ops."""
+        if torch.is_grad_enabled() or not cpp_kernels_apply(self.config.ttt_impl, hidden_states):
+            return None
         if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-            return False
-        modules = self._modules  # direct dict reads: this runs for every block and token
-        layer, mlp = modules["seq_modeling_block"], modules["mlp"]
-        linears = [mlp._modules[name] for name in ("gate_proj", "up_proj", "down_proj")]
-        linears += [module for name, module in layer._modules.items() if name in _LINEAR_NAMES]
-        if any(type(linear) is not nn.Linear or linear.bias is not None for linear in linears):
-            return False
-        if linears[0].weight.dtype != hidden_states.dtype:
-            return False
-        convs = modules["conv"]._modules.values() if self.pre_conv else ()
-        for module in (self, layer, mlp, *linears, *layer._modules.values(), *mlp._modules.values(), *modules.values(),
-                       *convs):
-            if module._forward_hooks or module._forward_pre_hooks:
-                return False
-        return True
-
-    def fused_decode_step(self, hidden_states: torch.Tensor, layer_state) -> torch.Tensor:
-        """`forward` for one token per row, as one C++ kernel (`modeling_ttt.ops.cpu`): the same arithmetic as the
-        modules (tests/test_ops_cpu.py), without ~15 module calls and ~25 kernel launches per block."""
-        layer, mlp, state = self.seq_modeling_block, self.mlp, layer_state.inner_state
+            return None
+        modules = self._modules
+        layer, mlp, seq_norm, ffn_norm = modules["seq_modeling_block"], modules["mlp"], modules["seq_norm"], modules[
+            "ffn_norm"]
+        if not (_plain(self, TTTBlock) and _plain(layer, TTTLinear) and _plain(mlp, SwiGLUMLP)
+                and _plain(seq_norm, RMSNorm) and _plain(ffn_norm, RMSNorm)
+                and seq_norm.variance_epsilon == ffn_norm.variance_epsilon):
+            return None
+        parts, ffn = layer._modules, mlp._modules
+        if not (_plain(ffn["act_fn"], SiLUActivation) and _plain(parts["post_norm"], nn.LayerNorm)):
+            return None
         empty = hidden_states.new_empty(0)
         if self.pre_conv:
-            pre_kernels, pre_biases = _conv_parameters(self.conv.conv)
-            pre_conv = (self.conv.norm.weight, pre_kernels, pre_biases,
-                        conv_state_or_zeros(layer_state, "pre_conv", pre_kernels, hidden_states))
+            conv_block = modules["conv"]
+            conv_norm = conv_block._modules["norm"]
+            if not (_plain(conv_block, TTTConvBlock) and _plain(conv_norm, RMSNorm)
+                    and conv_norm.variance_epsilon == seq_norm.variance_epsilon):
+                return None
+            arguments = [conv_norm._parameters["weight"], *_plain_conv(conv_block._modules["conv"])]
         else:
-            pre_conv = (empty, empty, empty, empty)
+            arguments = [empty, empty, empty]
+        share_qk = layer.share_qk
+        arguments += [seq_norm._parameters["weight"], _plain_weight(parts["q_proj"]),
+                      empty if share_qk else _plain_weight(parts["k_proj"]), _plain_weight(parts["v_proj"]),
+                      _plain_weight(parts["g_proj"]) if layer.use_gate else empty, _plain_weight(parts["o_proj"])]
+        arguments += [layer._parameters["learnable_ttt_lr_weight"], layer._parameters["learnable_ttt_lr_bias"]]
+        if share_qk:
+            arguments += [*_plain_conv(parts["conv_q"]), *_plain_conv(parts["conv_k"])]
+        else:
+            arguments += [empty] * 4
+        arguments += layer.decode_parameters()
+        mlp_weights = [_plain_weight(ffn["gate_proj"]), _plain_weight(ffn["up_proj"]), _plain_weight(ffn["down_proj"])]
+        arguments += [ffn_norm._parameters["weight"], *mlp_weights]
+        if any(argument is None for argument in arguments) or mlp_weights[0].dtype != hidden_states.dtype:
+            return None
+        return arguments
+
+    def fused_decode_step(self, hidden_states: torch.Tensor, layer_state, arguments: list[torch.Tensor]):
+        """`forward` for one token per row as one C++ kernel (`modeling_ttt.ops.cpu`), given
+        `fused_decode_arguments`: the same arithmetic as the modules (tests/test_ops_cpu.py), without ~15 module
+        calls and ~25 kernel launches per block."""
+        layer, state, conv_states = self.seq_modeling_block, layer_state.inner_state, layer_state.conv_states
         outputs = torch.ops.modeling_ttt_cpu.ttt_linear_decode_block(
-            hidden_states, *pre_conv, self.seq_norm.weight, layer.q_proj.weight,
-            empty if layer.share_qk else layer.k_proj.weight, layer.v_proj.weight,
-            layer.g_proj.weight if layer.use_gate else empty, layer.o_proj.weight,
-            layer.learnable_ttt_lr_weight.view(layer.num_heads, layer.hidden_size),
-            layer.learnable_ttt_lr_bias.view(layer.num_heads), *layer.qk_decode_inputs(hidden_states, layer_state),
-            *layer.decode_parameters(), self.ffn_norm.weight, mlp.gate_proj.weight, mlp.up_proj.weight,
-            mlp.down_proj.weight, *state.weights, *state.grads, state.seen, *layer.decode_constants(),
-            self.seq_norm.variance_epsilon)
+            hidden_states, arguments, conv_states.get("pre_conv"), conv_states.get("qk"),
+            *state.weights, *state.grads, state.seen, *layer.decode_constants(), self.seq_norm.variance_epsilon)
         if self.pre_conv:
-            layer_state.conv_states["pre_conv"] = outputs[1]
+            conv_states["pre_conv"] = outputs[1]
         layer.store_decode_state(layer_state, outputs[2], outputs[3:])
         return outputs[0]
 
 
-_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "g_proj")
+def _plain(module: nn.Module, cls: type) -> bool:
+    """`module` is exactly a `cls` (not a subclass such as an adapter), has no forward hooks and its `forward` is
+    not replaced on the instance (as accelerate's hooks do)."""
+    return (type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
+            and "forward" not in module.__dict__)
+
+
+def _plain_weight(linear: nn.Module) -> torch.Tensor | None:
+    """The weight of a plain bias-free `nn.Linear`, else None."""
+    if not _plain(linear, nn.Linear) or linear._parameters["bias"] is not None:
+        return None
+    return linear._parameters["weight"]
+
+
+def _plain_conv(conv: nn.Module) -> list[torch.Tensor | None]:
+    """[weight, bias] of a plain `nn.Conv1d` with a bias, else [None]."""
+    if not _plain(conv, nn.Conv1d) or conv._parameters["bias"] is None:
+        return [None]
+    return [conv._parameters["weight"], conv._parameters["bias"]]
+
+
+class FusedDecodePlan:
+    """A one-token decoding step through every block of a `TTTModel` as one C++ call (`ttt_linear_decode_blocks`,
+    no Python between blocks: when decoding a large model on the CPU, the interpreter runs with caches that the
+    weights have just flushed, and each block's Python costs ~0.15 ms).
+
+    The kernel parameters are gathered once (`TTTBlock.fused_decode_arguments` of every block, as the modules store
+    them, so in-place updates and `.to()` are seen). The plan stays current while (`is_current`, every step) no hook
+    has been registered anywhere since it was built, and every submodule, parameter, buffer, `forward` override and
+    norm epsilon under the blocks is still the object it was; otherwise the model builds a new one."""
+
+    _ATTRIBUTES = ("forward", "pre_conv", "share_qk", "use_gate", "variance_epsilon", "eps")
+
+    def __init__(self, params, checks, dtype, pre_conv: bool, share_qk: bool, constants: tuple[float, ...]):
+        self.params, self.checks, self.dtype = params, checks, dtype
+        self.pre_conv, self.share_qk, self.constants = pre_conv, share_qk, constants
+        self.hook_count = _hook_count()
+
+    @classmethod
+    def build(cls, model: TTTModel, hidden_states: torch.Tensor) -> FusedDecodePlan | None:
+        params = []
+        for block in model.layers:
+            arguments = block.fused_decode_arguments(hidden_states)
+            if arguments is None:
+                return None
+            params += arguments
+        blocks = list(model.layers)
+        layers = [block.seq_modeling_block for block in blocks]
+        if (len({(block.pre_conv, layer.share_qk, block.seq_norm.variance_epsilon, layer.post_norm.eps)
+                 for block, layer in zip(blocks, layers)}) != 1):
+            return None  # the kernel takes one set of constants and conv layout for all blocks
+        checks = [(model._modules, "layers", model.layers)]
+        for module in model.layers.modules():
+            checks += [(module.__dict__, name, module.__dict__.get(name)) for name in cls._ATTRIBUTES]
+            for members in (module._modules, module._parameters, module._buffers):
+                checks += [(members, name, member) for name, member in members.items()]
+        layer = layers[0]
+        constants = (layer.head_dim, LAYER_NORM_EPS, layer.post_norm.eps, blocks[0].seq_norm.variance_epsilon)
+        return cls(params, checks, hidden_states.dtype, blocks[0].pre_conv, layer.share_qk, constants)
+
+    def is_current(self, hidden_states: torch.Tensor) -> bool:
+        if _hook_count() != self.hook_count or hidden_states.dtype != self.dtype or self.params[-1].dtype != self.dtype:
+            return False
+        return all(members.get(name) is member for members, name, member in self.checks)
+
+    def step(self, hidden_states: torch.Tensor, cache: TTTCache, ttt_base_lr: float) -> torch.Tensor:
+        """Every block's one-token step (hidden states `[B, 1, C]` in and out), the cache's state updated."""
+        conv_states, inner_states = [], []
+        for layer_state in cache.layers:
+            state, convs = layer_state.inner_state, layer_state.conv_states
+            conv_states += (convs.get("pre_conv"), convs.get("qk"))
+            inner_states += (*state.weights, *state.grads, state.seen)
+        head_dim, *epsilons = self.constants
+        outputs = torch.ops.modeling_ttt_cpu.ttt_linear_decode_blocks(hidden_states, self.params, conv_states,
+                                                                       inner_states, [ttt_base_lr / head_dim, *epsilons])
+        for i, layer_state in enumerate(cache.layers):
+            pre_conv, qk, w, b, g_w, g_b, seen = outputs[1 + 7 * i : 8 + 7 * i]
+            layer_state.inner_state = InnerState((w, b), (g_w, g_b), seen)
+            if self.pre_conv:
+                layer_state.conv_states["pre_conv"] = pre_conv
+            if self.share_qk:
+                layer_state.conv_states["qk"] = qk
+        return outputs[0]
+
+
+def _hook_count() -> int:
+    """How many hooks torch has ever registered (any module, tensor or global hook takes a `RemovableHandle`)."""
+    return RemovableHandle.next_id
 
 
 class TTTPreTrainedModel(PreTrainedModel):
@@ -146,6 +245,7 @@ class TTTPreTrainedModel(PreTrainedModel):
 class TTTModel(TTTPreTrainedModel):
     def __init__(self, config: TTTConfig):
         super().__init__(config)
+        self._fused_decode_plan = None  # see fused_decode_plan
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([TTTBlock(config, i) for i in range(config.num_hidden_layers)])
@@ -157,6 +257,20 @@ class TTTModel(TTTPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.embed_tokens = value
+
+    def fused_decode_plan(self, hidden_states: torch.Tensor, cache: TTTCache) -> FusedDecodePlan | None:
+        """The plan that runs a one-token step through all blocks as one C++ call, or None when that step must go
+        block by block (autograd, no C++ kernels, a fresh cache, or a block that is not the plain TTT-Linear block
+        the kernel reimplements, see `TTTBlock.fused_decode_arguments`). Kept between steps while it is current."""
+        if (torch.is_grad_enabled() or not cache.is_initialized
+                or not cpp_kernels_apply(self.config.ttt_impl, hidden_states)):
+            return None
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return None
+        plan = self._fused_decode_plan
+        if plan is None or not plan.is_current(hidden_states):
+            plan = self._fused_decode_plan = FusedDecodePlan.build(self, hidden_states)
+        return plan
 
     @can_return_tuple
     def forward(
@@ -215,7 +329,12 @@ class TTTModel(TTTPreTrainedModel):
         hidden_states = inputs_embeds if order is None else _gather_rows(inputs_embeds, order)
 
         all_hidden_states = () if output_hidden_states else None
-        for i, block in enumerate(self.layers):
+        plan = None
+        if seq_len == 1 and order is None and not output_hidden_states and past_key_values is not None:
+            plan = self.fused_decode_plan(hidden_states, past_key_values)
+        if plan is not None:
+            hidden_states = plan.step(hidden_states, past_key_values, self.config.ttt_base_lr)
+        for i, block in enumerate(self.layers if plan is None else ()):
             if output_hidden_states:
                 all_hidden_states += (_scatter_rows(hidden_states, order, num_tokens),)
             layer_cache = past_key_values.layers[i] if past_key_values is not None else None

@@ -208,10 +208,10 @@ def test_fused_block_step_equals_the_module_path(backbone, monkeypatch):
         block(hidden[:, :7], num_tokens=torch.tensor([7, 2, 5]), past_key_values=state)
         fused_state = copy.deepcopy(state)
         for t in range(7, 20):
-            assert block.decodes_in_one_kernel(hidden[:, t : t + 1])
+            assert block.fused_decode_arguments(hidden[:, t : t + 1]) is not None
             got = block(hidden[:, t : t + 1], past_key_values=fused_state)
             with monkeypatch.context() as patch:  # the module-by-module path
-                patch.setattr(block, "decodes_in_one_kernel", lambda hidden_states: False)
+                patch.setattr(block, "fused_decode_arguments", lambda hidden_states: None)
                 expected = block(hidden[:, t : t + 1], past_key_values=state)
             torch.testing.assert_close(got, expected, atol=1e-12, rtol=0, msg=f"token {t}")
     assert_states_close(fused_state.inner_state, state.inner_state, atol=1e-12)
@@ -224,18 +224,18 @@ def test_fused_block_step_steps_aside_for_adapters_and_hooks():
     block = tiny_model("linear", "mamba").model.layers[0]
     x = torch.randn(2, 1, block.config.hidden_size)
     with torch.no_grad():
-        assert block.decodes_in_one_kernel(x)
-        assert not block.decodes_in_one_kernel(x.double())  # weights are float32
+        assert block.fused_decode_arguments(x) is not None
+        assert block.fused_decode_arguments(x.double()) is None  # weights are float32
         handle = block.mlp.up_proj.register_forward_hook(lambda *args: None)
-        assert not block.decodes_in_one_kernel(x)
+        assert block.fused_decode_arguments(x) is None
         handle.remove()
-        assert block.decodes_in_one_kernel(x)
+        assert block.fused_decode_arguments(x) is not None
 
         class Adapter(torch.nn.Linear):
             pass
 
         original = block.seq_modeling_block.q_proj
         block.seq_modeling_block.q_proj = Adapter(original.in_features, original.out_features, bias=False)
-        assert not block.decodes_in_one_kernel(x)
+        assert block.fused_decode_arguments(x) is None
         block.seq_modeling_block.q_proj = original
-    assert not block.decodes_in_one_kernel(x)  # autograd on
+    assert block.fused_decode_arguments(x) is None  # autograd on

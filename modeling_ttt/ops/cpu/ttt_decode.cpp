@@ -85,13 +85,20 @@ void step(const T* __restrict__ w, const T* __restrict__ g, T s, int64_t n, T* _
   for (int64_t i = 0; i < n; ++i) out[i] = w[i] - s * g[i];
 }
 
+// Where the state of (batch row, head) starts in a [B, H, n, d] tensor whose [n, d] blocks are contiguous.
+struct HeadStrides {
+  int64_t row, head;
+  int64_t offset(int64_t r, int64_t heads) const { return (r / heads) * row + (r % heads) * head; }
+};
+
 template <typename T>
 void decode_rows(int64_t rows, int64_t heads, int64_t d, int64_t mini_batch_size, double eps, const T* xq,
                  const T* xk, const T* xv, const T* lr, const T* token_scale, const T* ln_w, const T* ln_b,
-                 const T* w, const T* b, const T* g_w, const T* g_b, const int64_t* seen, T* out, T* new_w, T* new_b,
-                 T* new_g_w, T* new_g_b, bool write_weights) {
-  // One batch row of 12 heads is ~50k multiply-adds: run rows in parallel only for larger batches.
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+                 const T* w, const T* b, const T* g_w, const T* g_b, const HeadStrides* strides,
+                 const int64_t* seen, T* out, T* new_w, T* new_b, T* new_g_w, T* new_g_b, bool write_weights) {
+  // A head reads W0 and G_W and writes G_W (3 d^2 values, from memory when decoding a large model, whose weights
+  // have evicted the state from the caches): with d = 64 that is worth a second thread from 4 heads on.
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / (d * d)), [&](int64_t begin, int64_t end) {
     std::vector<T> z(d), grad(d), zq(d), zq_g(d);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t row = r / heads, head = r % heads;
@@ -100,7 +107,8 @@ void decode_rows(int64_t rows, int64_t heads, int64_t d, int64_t mini_batch_size
       const bool completes = position == mini_batch_size - 1;
       const T *x_q = xq + r * d, *x_k = xk + r * d, *x_v = xv + r * d;
       const T *lw = ln_w + head * d, *lb = ln_b + head * d;
-      const T *w_r = w + r * d * d, *b_r = b + r * d, *gw_r = g_w + r * d * d, *gb_r = g_b + r * d;
+      const T *w_r = w + strides[0].offset(r, heads), *b_r = b + strides[1].offset(r, heads),
+              *gw_r = g_w + strides[2].offset(r, heads), *gb_r = g_b + strides[3].offset(r, heads);
       T *gw_new = new_g_w + r * d * d, *gb_new = new_g_b + r * d;
 
       // Gradient of 0.5 ||LN(z) w + b - (x_v - x_k)||^2 at z = x_k W0 + b0, through the LayerNorm (x_q W0 + b0,
@@ -166,8 +174,9 @@ std::vector<at::Tensor> ttt_linear_decode(const at::Tensor& xq, const at::Tensor
   check_decode(xk.sizes() == xq.sizes() && xv.sizes() == xq.sizes(), "xq, xk, xv must share a shape");
   check_decode(inner_lr.numel() == rows, "inner_lr must be [B, H, 1]");
   check_decode(ln_weight.numel() == heads * d && ln_bias.numel() == heads * d, "ln_weight/ln_bias must be [H, d]");
-  check_decode(w.numel() == rows * d * d && g_w.numel() == rows * d * d, "W and G_W must be [B, H, d, d]");
-  check_decode(b.numel() == rows * d && g_b.numel() == rows * d, "b and G_b must be [B, H, 1, d]");
+  const std::vector<int64_t> matrix_shape = {batch, heads, d, d}, bias_shape = {batch, heads, 1, d};
+  check_decode(w.sizes() == matrix_shape && g_w.sizes() == matrix_shape, "W and G_W must be [B, H, d, d]");
+  check_decode(b.sizes() == bias_shape && g_b.sizes() == bias_shape, "b and G_b must be [B, H, 1, d]");
   check_decode(seen.numel() == batch && seen.scalar_type() == at::kLong, "seen must be int64 [B]");
   check_decode(mini_batch_size > 0, "token_scale must not be empty");
   const auto dtype = xq.scalar_type();
@@ -177,8 +186,17 @@ std::vector<at::Tensor> ttt_linear_decode(const at::Tensor& xq, const at::Tensor
   }
 
   std::vector<at::Tensor> in;
-  for (const at::Tensor* t : {&xq, &xk, &xv, &inner_lr, &token_scale, &ln_weight, &ln_bias, &w, &b, &g_w, &g_b, &seen})
+  for (const at::Tensor* t : {&xq, &xk, &xv, &inner_lr, &token_scale, &ln_weight, &ln_bias})
     in.push_back(t->contiguous());
+  // The state is read in place when each head's block is contiguous: after a prefill, W/b and G_W/G_b are views
+  // into one [B, H, d+1, d] buffer of the dual form, which a copy per token would cost more than the step itself.
+  HeadStrides strides[4];
+  for (const at::Tensor* t : {&w, &b, &g_w, &g_b}) {
+    const bool blocks_contiguous = t->stride(3) == 1 && (t->size(2) == 1 || t->stride(2) == d);
+    in.push_back(blocks_contiguous ? *t : t->contiguous());
+    strides[in.size() - 8] = {in.back().stride(0), in.back().stride(1)};
+  }
+  in.push_back(seen.contiguous());
   auto seen_data = in[11].data_ptr<int64_t>();
   bool any_completes = false;
   for (int64_t i = 0; i < batch; ++i) {
@@ -200,7 +218,7 @@ std::vector<at::Tensor> ttt_linear_decode(const at::Tensor& xq, const at::Tensor
                           in[1].data_ptr<scalar_t>(), in[2].data_ptr<scalar_t>(), in[3].data_ptr<scalar_t>(),
                           in[4].data_ptr<scalar_t>(), in[5].data_ptr<scalar_t>(), in[6].data_ptr<scalar_t>(),
                           in[7].data_ptr<scalar_t>(), in[8].data_ptr<scalar_t>(), in[9].data_ptr<scalar_t>(),
-                          in[10].data_ptr<scalar_t>(), seen_data, out.data_ptr<scalar_t>(),
+                          in[10].data_ptr<scalar_t>(), strides, seen_data, out.data_ptr<scalar_t>(),
                           any_completes ? new_w.data_ptr<scalar_t>() : nullptr,
                           any_completes ? new_b.data_ptr<scalar_t>() : nullptr, new_g_w.data_ptr<scalar_t>(),
                           new_g_b.data_ptr<scalar_t>(), any_completes);
@@ -384,38 +402,103 @@ std::vector<at::Tensor> ttt_linear_decode_layer(
 
 // A whole TTT block (TTTBlock.forward, TTT-Linear, SwiGLU with SiLU) for one token per row, projections included
 // (at::linear, i.e. the same BLAS calls as nn.Linear): [h + conv(rms(h))] -> h + o_proj(layer step) -> h + MLP.
-// Empty tensors stand for absent parts (no pre-conv; separate k projection instead of Q/K convs; no gate). Returns
+// `params` holds the block's parameters and buffers in the order of BlockParam, as the modules store them (the views
+// are taken here, so the caller passes tensors without launching any op); empty tensors stand for absent parts (no
+// pre-conv; a k projection instead of Q/K convs; no gate). Absent conv states are zeros (a fresh sequence). Returns
 // [h, pre-conv state, Q/K conv state, G_W, G_b] and, when some row ends its mini-batch, [W0, b0].
-std::vector<at::Tensor> ttt_linear_decode_block(
-    const at::Tensor& h_in, const at::Tensor& pre_norm_weight, const at::Tensor& pre_conv_kernels,
-    const at::Tensor& pre_conv_biases, const at::Tensor& pre_conv_state, const at::Tensor& seq_norm_weight,
-    const at::Tensor& q_weight, const at::Tensor& k_weight, const at::Tensor& v_weight, const at::Tensor& g_weight,
-    const at::Tensor& o_weight, const at::Tensor& lr_weight, const at::Tensor& lr_bias,
-    const at::Tensor& qk_conv_state, const at::Tensor& qk_conv_kernels, const at::Tensor& qk_conv_biases,
-    const at::Tensor& rope, const at::Tensor& token_idx, const at::Tensor& learnable_token_idx,
-    const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& post_weight, const at::Tensor& post_bias,
-    const at::Tensor& ffn_norm_weight, const at::Tensor& gate_weight, const at::Tensor& up_weight,
-    const at::Tensor& down_weight, const at::Tensor& w, const at::Tensor& b, const at::Tensor& g_w,
-    const at::Tensor& g_b, const at::Tensor& seen, double lr_scale, double eps, double post_eps, double rms_eps) {
-  check(h_in.dim() == 3 && h_in.size(1) == 1, "ttt_linear_decode_block: h must be [B, 1, C] (one token per row)");
-  at::Tensor h = h_in, pre_state = at::empty({0}, h_in.options());
-  if (pre_conv_kernels.numel() > 0) {
-    std::vector<at::Tensor> conv = conv_step(rms_norm(h, pre_norm_weight, rms_eps), pre_conv_state, pre_conv_kernels,
-                                             pre_conv_biases);
+enum BlockParam {
+  kPreNormWeight, kPreConvWeight /* [C, 1, K] */, kPreConvBias, kSeqNormWeight,
+  kQ, kK, kV, kG, kO, kLrWeight /* [H, 1, C] */, kLrBias /* [H, 1] */,
+  kConvQWeight /* [C, 1, K] */, kConvQBias, kConvKWeight, kConvKBias,
+  kRope, kTokenIdx, kLearnableTokenIdx, kTTTNormWeight, kTTTNormBias, kPostNormWeight, kPostNormBias,
+  kFfnNormWeight, kGate, kUp, kDown, kNumBlockParams
+};
+
+std::vector<at::Tensor> ttt_linear_decode_block(const at::Tensor& h_in, at::TensorList params,
+                                                const c10::optional<at::Tensor>& pre_conv_state,
+                                                const c10::optional<at::Tensor>& qk_conv_state,
+                                                const at::Tensor& w, const at::Tensor& b, const at::Tensor& g_w,
+                                                const at::Tensor& g_b, const at::Tensor& seen, double lr_scale,
+                                                double eps, double post_eps, double rms_eps) {
+  auto fail = [](bool ok, const std::string& message) { check(ok, "ttt_linear_decode_block: " + message); };
+  fail(h_in.dim() == 3 && h_in.size(1) == 1, "h must be [B, 1, C] (one token per row)");
+  fail(params.size() == kNumBlockParams, "params must hold " + std::to_string(kNumBlockParams) + " tensors");
+  const int64_t batch = h_in.size(0), channels = h_in.size(2);
+  const at::Tensor empty = at::empty({0}, h_in.options());
+  // [C, 1, K] depthwise kernels stacked as [n, C, K] and their biases as [n, C] (conv_step's layout); the state.
+  auto convs = [&](std::initializer_list<int> weights, const c10::optional<at::Tensor>& state) {
+    std::vector<at::Tensor> kernels, biases;
+    for (int i : weights) {
+      fail(params[i].dim() == 3 && params[i].size(0) == channels && params[i].size(1) == 1,
+           "conv weights must be [C, 1, K]");
+      kernels.push_back(params[i].select(1, 0));
+      biases.push_back(params[i + 1]);
+    }
+    const int64_t width = params[*weights.begin()].size(2);
+    at::Tensor s = state.has_value() ? *state : at::zeros({batch, width - 1, channels}, h_in.options());
+    return std::vector<at::Tensor>{at::stack(kernels), at::stack(biases), s};
+  };
+
+  at::Tensor h = h_in, pre_state = empty;
+  if (params[kPreConvWeight].numel() > 0) {
+    std::vector<at::Tensor> pre = convs({kPreConvWeight}, pre_conv_state);
+    std::vector<at::Tensor> conv = conv_step(rms_norm(h, params[kPreNormWeight], rms_eps), pre[2], pre[0], pre[1]);
     h = h + conv[0].select(2, 0);
     pre_state = conv[1];
   }
-  const at::Tensor x = rms_norm(h, seq_norm_weight, rms_eps), empty = at::empty({0}, h_in.options());
+  const bool share_qk = params[kConvQWeight].numel() > 0;
+  std::vector<at::Tensor> qk_conv = share_qk ? convs({kConvQWeight, kConvKWeight}, qk_conv_state)
+                                             : std::vector<at::Tensor>{empty, empty, empty};
+  const int64_t heads = params[kLrWeight].size(0);
+  const at::Tensor x = rms_norm(h, params[kSeqNormWeight], rms_eps);
+  const at::Tensor& g_weight = params[kG];
   std::vector<at::Tensor> layer = ttt_linear_decode_layer(
-      at::linear(x, q_weight), k_weight.numel() > 0 ? at::linear(x, k_weight) : empty, at::linear(x, v_weight),
-      g_weight.numel() > 0 ? at::linear(x, g_weight) : empty, at::linear(x, lr_weight, lr_bias), qk_conv_state,
-      qk_conv_kernels, qk_conv_biases, rope, token_idx, learnable_token_idx, ln_weight, ln_bias, post_weight,
-      post_bias, w, b, g_w, g_b, seen, lr_scale, eps, post_eps);
-  h = h + at::linear(layer[0], o_weight);
-  const at::Tensor y = rms_norm(h, ffn_norm_weight, rms_eps);
-  h = h + at::linear(at::silu(at::linear(y, gate_weight)) * at::linear(y, up_weight), down_weight);
+      at::linear(x, params[kQ]), share_qk ? empty : at::linear(x, params[kK]), at::linear(x, params[kV]),
+      g_weight.numel() > 0 ? at::linear(x, g_weight) : empty,
+      at::linear(x, params[kLrWeight].view({heads, channels}), params[kLrBias].view({heads})), qk_conv[2],
+      qk_conv[0], qk_conv[1], params[kRope], params[kTokenIdx], params[kLearnableTokenIdx], params[kTTTNormWeight],
+      params[kTTTNormBias], params[kPostNormWeight], params[kPostNormBias], w, b, g_w, g_b, seen, lr_scale, eps,
+      post_eps);
+  h = h + at::linear(layer[0], params[kO]);
+  const at::Tensor y = rms_norm(h, params[kFfnNormWeight], rms_eps);
+  h = h + at::linear(at::silu(at::linear(y, params[kGate])) * at::linear(y, params[kUp]), params[kDown]);
   std::vector<at::Tensor> result = {h, pre_state, layer[1], layer[2], layer[3]};
   for (size_t i = 4; i < layer.size(); ++i) result.push_back(layer[i]);
+  return result;
+}
+
+// The one-token step of a stack of TTT-Linear blocks (TTTModel's decoding step as one call, so that no Python runs
+// between blocks): ttt_linear_decode_block for each block in turn. Per block: kNumBlockParams consecutive `params`,
+// two `conv_states` (pre-conv, Q/K; absent for a fresh sequence or a backbone without them) and five
+// `inner_states` (W, b, G_W, G_b, seen); `constants` are (lr_scale, eps, post_eps, rms_eps), shared by the blocks.
+// Returns [h] then, per block, [pre-conv state, Q/K conv state, W0, b0, G_W, G_b, seen + 1] (W0 and b0 are the
+// given tensors when no row ended its mini-batch; conv states are empty where the block has none).
+std::vector<at::Tensor> ttt_linear_decode_blocks(const at::Tensor& h_in, at::TensorList params,
+                                                 const c10::List<c10::optional<at::Tensor>>& conv_states,
+                                                 at::TensorList inner_states, at::ArrayRef<double> constants) {
+  auto fail = [](bool ok, const std::string& message) { check(ok, "ttt_linear_decode_blocks: " + message); };
+  const int64_t blocks = static_cast<int64_t>(inner_states.size()) / 5;
+  fail(static_cast<int64_t>(inner_states.size()) == 5 * blocks && blocks > 0,
+       "inner_states must hold (W, b, G_W, G_b, seen) per block");
+  fail(static_cast<int64_t>(params.size()) == kNumBlockParams * blocks,
+       "params must hold " + std::to_string(kNumBlockParams) + " tensors per block");
+  fail(static_cast<int64_t>(conv_states.size()) == 2 * blocks, "conv_states must hold 2 entries per block");
+  fail(constants.size() == 4, "constants must be (lr_scale, eps, post_eps, rms_eps)");
+  std::vector<at::Tensor> result = {h_in};
+  at::Tensor h = h_in;
+  for (int64_t i = 0; i < blocks; ++i) {
+    const at::Tensor* state = inner_states.data() + 5 * i;
+    std::vector<at::Tensor> out = ttt_linear_decode_block(
+        h, params.slice(kNumBlockParams * i, kNumBlockParams), conv_states.get(2 * i), conv_states.get(2 * i + 1),
+        state[0], state[1], state[2], state[3], state[4], constants[0], constants[1], constants[2], constants[3]);
+    h = out[0];
+    const bool new_weights = out.size() > 5;
+    for (const at::Tensor& t : {out[1], out[2], new_weights ? out[5] : state[0], new_weights ? out[6] : state[1],
+                                out[3], out[4]})
+      result.push_back(t);
+    result.push_back(state[4] + 1);
+  }
+  result[0] = h;
   return result;
 }
 
@@ -431,14 +514,14 @@ TORCH_LIBRARY(modeling_ttt_cpu, m) {
       "Tensor G_b, Tensor seen, float lr_scale, float eps, float post_eps) -> Tensor[]",
       &ttt_linear_decode_layer);
   m.def(
-      "ttt_linear_decode_block(Tensor h, Tensor pre_norm_weight, Tensor pre_conv_kernels, Tensor pre_conv_biases, "
-      "Tensor pre_conv_state, Tensor seq_norm_weight, Tensor q_weight, Tensor k_weight, Tensor v_weight, "
-      "Tensor g_weight, Tensor o_weight, Tensor lr_weight, Tensor lr_bias, Tensor qk_conv_state, "
-      "Tensor qk_conv_kernels, Tensor qk_conv_biases, Tensor rope, Tensor token_idx, Tensor learnable_token_idx, "
-      "Tensor ln_weight, Tensor ln_bias, Tensor post_weight, Tensor post_bias, Tensor ffn_norm_weight, "
-      "Tensor gate_weight, Tensor up_weight, Tensor down_weight, Tensor W, Tensor b, Tensor G_W, Tensor G_b, "
-      "Tensor seen, float lr_scale, float eps, float post_eps, float rms_eps) -> Tensor[]",
+      "ttt_linear_decode_block(Tensor h, Tensor[] params, Tensor? pre_conv_state, Tensor? qk_conv_state, Tensor W, "
+      "Tensor b, Tensor G_W, Tensor G_b, Tensor seen, float lr_scale, float eps, float post_eps, float rms_eps) "
+      "-> Tensor[]",
       &ttt_linear_decode_block);
+  m.def(
+      "ttt_linear_decode_blocks(Tensor h, Tensor[] params, Tensor?[] conv_states, Tensor[] inner_states, "
+      "float[] constants) -> Tensor[]",
+      &ttt_linear_decode_blocks);
   m.def(
       "ttt_linear_decode(Tensor xq, Tensor xk, Tensor xv, Tensor inner_lr, Tensor token_scale, Tensor ln_weight, "
       "Tensor ln_bias, Tensor W, Tensor b, Tensor G_W, Tensor G_b, Tensor seen, float eps) -> Tensor[]",
