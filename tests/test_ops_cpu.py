@@ -239,3 +239,128 @@ def test_fused_block_step_steps_aside_for_adapters_and_hooks():
         assert block.fused_decode_arguments(x) is None
         block.seq_modeling_block.q_proj = original
     assert block.fused_decode_arguments(x) is None  # autograd on
+
+
+def decode_steps(model, cache, tokens, mask=None):
+    """Logits of feeding `tokens` [B, T] one column at a time through `cache`."""
+    logits = []
+    for t in range(tokens.shape[1]):
+        out = model(tokens[:, t : t + 1], past_key_values=cache, use_cache=True)
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1)
+
+
+def prefilled(model, gen, batch=3):
+    """A cache after a left-padded prompt: rows at different positions of their mini-batches."""
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (batch, 11), generator=gen)
+    mask = torch.ones_like(prompt)
+    mask[1, :4] = 0
+    mask[2, :9] = 0
+    return model(prompt, attention_mask=mask, use_cache=True).past_key_values
+
+
+@pytest.mark.parametrize("backbone", ["mamba", "transformer"])
+def test_fused_model_step_equals_block_by_block(backbone, monkeypatch):
+    """All blocks in one C++ call (`FusedDecodePlan`) against the blocks one by one, float64, rows at different
+    positions of their mini-batches, across mini-batch ends: logits and every layer's state."""
+    import copy
+
+    from modeling_ttt.modeling_ttt import TTTModel
+
+    model = tiny_model("linear", backbone).double()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.05)
+        cache = prefilled(model, gen)
+        blockwise_cache = copy.deepcopy(cache)
+        tokens = torch.randint(0, model.config.vocab_size, (3, 19), generator=gen)
+        fused = decode_steps(model, cache, tokens)
+        assert model.model._fused_decode_plan is not None  # the plan ran
+        with monkeypatch.context() as patch:
+            patch.setattr(TTTModel, "fused_decode_plan", lambda self, hidden_states, cache: None)
+            blockwise = decode_steps(model, blockwise_cache, tokens)
+    torch.testing.assert_close(fused, blockwise, atol=1e-12, rtol=0)
+    for got, expected in zip(cache.layers, blockwise_cache.layers):
+        assert_states_close(got.inner_state, expected.inner_state, atol=1e-12)
+        assert got.conv_states.keys() == expected.conv_states.keys()
+        for name in got.conv_states:
+            torch.testing.assert_close(got.conv_states[name], expected.conv_states[name], atol=1e-12, rtol=0)
+    assert cache.num_positions == blockwise_cache.num_positions
+
+
+def test_fused_model_step_follows_changes_to_the_model(monkeypatch):
+    """The plan is kept between steps only while it is current: a hook registered on any submodule runs (and the
+    results stay those of the module path), a replaced module or parameter is used, an in-place change or a
+    dtype change of the parameters is seen, and an instance-level `forward` (accelerate's hooks) is honoured."""
+    import copy
+    import functools
+
+    from modeling_ttt.modeling_ttt import TTTModel
+
+    model = tiny_model("linear", "mamba")
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, model.config.vocab_size, (3, 1), generator=gen)
+
+    def one_step(model, cache):
+        return model(tokens, past_key_values=cache, use_cache=True).logits
+
+    def blockwise(model, cache):
+        with monkeypatch.context() as patch:
+            patch.setattr(TTTModel, "fused_decode_plan", lambda self, hidden_states, cache: None)
+            return one_step(model, cache)
+
+    def check(model, cache, plan_used):
+        """One step with whatever path the model picks, against the block-by-block path from the same state."""
+        reference_cache = copy.deepcopy(cache)
+        got = one_step(model, cache)
+        torch.testing.assert_close(got, blockwise(model, reference_cache), atol=1e-5, rtol=1e-5)
+        assert (model.model._fused_decode_plan is not None) == plan_used
+        return got
+
+    with torch.no_grad():
+        cache = prefilled(model, gen)
+        check(model, cache, plan_used=True)
+        plan = model.model._fused_decode_plan
+        check(model, cache, plan_used=True)
+        assert model.model._fused_decode_plan is plan  # kept while nothing changed
+
+        up_proj = model.model.layers[1].mlp.up_proj
+        calls = []
+        handle = up_proj.register_forward_hook(lambda *args: calls.append(1))
+        check(model, cache, plan_used=False)
+        assert len(calls) == 2  # the model's step and the reference step both ran the module
+        handle.remove()
+        check(model, cache, plan_used=True)
+
+        layer = model.model.layers[0].seq_modeling_block
+
+        class Adapter(torch.nn.Linear):
+            def forward(self, x):
+                return super().forward(x) * 1.5
+
+        original = layer.v_proj
+        layer.v_proj = Adapter(original.in_features, original.out_features, bias=False)
+        layer.v_proj.weight.copy_(original.weight)
+        before = check(model, cache, plan_used=False)
+        layer.v_proj = original
+        check(model, cache, plan_used=True)
+
+        old = one_step(model, copy.deepcopy(cache))
+        model.model.layers[1].mlp.down_proj.weight.mul_(3.0)  # in place: the plan sees it
+        assert not torch.allclose(check(model, copy.deepcopy(cache), plan_used=True), old)
+        o_proj = model.model.layers[0].seq_modeling_block.o_proj
+        o_proj.weight = torch.nn.Parameter(o_proj.weight * -1.0)  # replaced: a new plan holds the new one
+        check(model, cache, plan_used=True)
+        assert model.model._fused_decode_plan is not plan
+
+        seq_norm = model.model.layers[1].seq_norm
+        seq_norm.forward = functools.partial(type(seq_norm).forward, seq_norm)  # as accelerate's add_hook_to_module
+        check(model, cache, plan_used=False)
+        del seq_norm.forward
+        check(model, cache, plan_used=True)
+
+        model.double()
+        check(model, cache.to(dtype=torch.float64), plan_used=True)
+    assert before.shape == (3, 1, model.config.vocab_size)
