@@ -22,6 +22,7 @@ import functools
 import hashlib
 import os
 import platform
+import sys
 
 import torch
 from transformers.utils import logging
@@ -58,9 +59,9 @@ def build_error() -> str | None:
             logger.warning_once("modeling_ttt: compiling the C++ CPU decoding kernel (once per machine, ~15 s).")
         # tuned for this CPU where the flag is known to work (x86-64 gcc/clang); plain -O3 elsewhere
         flags = ["-O3", "-march=native"] if platform.machine() in ("x86_64", "AMD64") else ["-O3"]
-        # OpenMP: without it at::parallel_for runs on one thread (rows of a batch in parallel, as ATen's own ops)
-        flags.append("-fopenmp")
-        cpp_extension.load(name=name, sources=[_SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+        # OpenMP (the runtime torch itself uses on Linux): without it at::parallel_for runs on one thread
+        openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+        cpp_extension.load(name=name, sources=[_SOURCE], extra_cflags=flags + openmp, extra_ldflags=openmp,
                            is_python_module=False, verbose=False)
     except Exception as error:  # no compiler, no ninja, a failed build: reported by the callers
         return f"{type(error).__name__}: {error}".strip()

@@ -250,43 +250,94 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return out;
 }
 
+// Depthwise conv kernels as [C, K] blocks: rows of a stacked [n, C, K] tensor, or Conv1d weights [C, 1, K] as stored.
+struct ConvKernels {
+  std::vector<at::Tensor> weights, biases;  // n of each: [C, K]-shaped contiguous weights, [C] biases
+};
+
+// One causal depthwise-conv step of n kernels over the same input (see causal_depthwise_conv in layers.py), per row:
+// y_i = bias_i + sum_t window[t] * kernel_i[t], the window being the state's K-1 rows, then x. Output i of row r is
+// at ys[i] + r * y_stride; the new state is the window's last K-1 rows.
+template <typename T>
+void conv_rows(int64_t batch, int64_t channels, int64_t width, const T* x, const T* state,
+               const std::vector<const T*>& kernels, const std::vector<const T*>& biases, const std::vector<T*>& ys,
+               int64_t y_stride, T* new_state) {
+  for (int64_t i = 0; i < batch; ++i) {
+    const T* s_i = state + i * (width - 1) * channels;
+    const T* x_i = x + i * channels;
+    for (size_t n = 0; n < kernels.size(); ++n) {
+      T* y_i = ys[n] + i * y_stride;
+      for (int64_t c = 0; c < channels; ++c) {
+        const T* k = kernels[n] + c * width;
+        T acc = biases[n][c];
+        for (int64_t t = 0; t < width - 1; ++t) acc += s_i[t * channels + c] * k[t];
+        y_i[c] = acc + x_i[c] * k[width - 1];
+      }
+    }
+    T* n_i = new_state + i * (width - 1) * channels;
+    if (width > 2) std::copy(s_i + channels, s_i + (width - 1) * channels, n_i);
+    if (width > 1) std::copy(x_i, x_i + channels, n_i + (width - 2) * channels);
+  }
+}
+
+// conv_rows on tensors: x [B, 1, C], state [B, K-1, C] (absent: zeros, a fresh sequence) into `ys` (n outputs, rows
+// `y_stride` apart, of x's dtype). Returns the new state.
+at::Tensor conv_into(const at::Tensor& x, const c10::optional<at::Tensor>& state, const ConvKernels& convs,
+                     const std::vector<at::Tensor>& ys, int64_t y_stride, const std::string& name) {
+  const int64_t batch = x.size(0), channels = x.size(2);
+  check(!convs.weights.empty() && convs.weights.size() == convs.biases.size(), name + ": no conv kernels");
+  const int64_t width = convs.weights[0].size(-1);
+  for (size_t n = 0; n < convs.weights.size(); ++n) {
+    const at::Tensor &w = convs.weights[n], &b = convs.biases[n];
+    check(w.numel() == channels * width && w.size(0) == channels && w.size(-1) == width && b.numel() == channels,
+          name + ": conv kernels must be [C, K] (or [C, 1, K]) and biases [C]");
+    check(w.scalar_type() == x.scalar_type() && b.scalar_type() == x.scalar_type(),
+          name + ": conv kernels must have the input's dtype");
+  }
+  at::Tensor st = state.has_value() ? state->contiguous() : at::zeros({batch, width - 1, channels}, x.options());
+  check(st.dim() == 3 && st.size(0) == batch && st.size(1) == width - 1 && st.size(2) == channels,
+        name + ": conv state must be [B, K-1, C]");
+  check(st.scalar_type() == x.scalar_type(), name + ": conv state must have the input's dtype");
+  const at::Tensor xs = x.contiguous();
+  std::vector<at::Tensor> weights, biases;
+  for (size_t n = 0; n < convs.weights.size(); ++n) {
+    weights.push_back(convs.weights[n].contiguous());
+    biases.push_back(convs.biases[n].contiguous());
+  }
+  at::Tensor new_state = at::empty({batch, width - 1, channels}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_step", [&] {
+    std::vector<const scalar_t*> kernel_ptrs, bias_ptrs;
+    std::vector<scalar_t*> y_ptrs;
+    for (size_t n = 0; n < weights.size(); ++n) {
+      kernel_ptrs.push_back(weights[n].data_ptr<scalar_t>());
+      bias_ptrs.push_back(biases[n].data_ptr<scalar_t>());
+      y_ptrs.push_back(ys[n].data_ptr<scalar_t>());
+    }
+    conv_rows<scalar_t>(batch, channels, width, xs.data_ptr<scalar_t>(), st.data_ptr<scalar_t>(), kernel_ptrs,
+                        bias_ptrs, y_ptrs, y_stride, new_state.data_ptr<scalar_t>());
+  });
+  return new_state;
+}
+
 // One step of n causal depthwise convs of the same input (decoding; see causal_depthwise_conv in layers.py):
 // x [B, 1, C], state [B, K-1, C] (the last K-1 inputs), kernels [n, C, K], biases [n, C].
 // Returns y [B, 1, n, C] and the new state [B, K-1, C] (the old one shifted by one, x appended).
 std::vector<at::Tensor> conv_step(const at::Tensor& x, const at::Tensor& state, const at::Tensor& kernels,
                                   const at::Tensor& biases) {
   check(x.dim() == 3 && x.size(1) == 1, "conv_step: x must be [B, 1, C]");
-  const int64_t batch = x.size(0), channels = x.size(2), n = kernels.size(0), width = kernels.size(2);
-  check(state.dim() == 3 && state.size(0) == batch && state.size(1) == width - 1 && state.size(2) == channels,
-        "conv_step: state must be [B, K-1, C]");
+  const int64_t batch = x.size(0), channels = x.size(2), n = kernels.size(0);
   check(kernels.dim() == 3 && kernels.size(1) == channels && biases.numel() == n * channels,
         "conv_step: kernels must be [n, C, K] and biases [n, C]");
-  for (const at::Tensor* t : {&state, &kernels, &biases})
-    check(t->scalar_type() == x.scalar_type(), "conv_step: all inputs must share one dtype");
-  const at::Tensor xs = x.contiguous(), st = state.contiguous(), ks = kernels.contiguous(), bs = biases.contiguous();
+  ConvKernels convs;
+  const at::Tensor bs = biases.reshape({n, channels});
+  for (int64_t i = 0; i < n; ++i) {
+    convs.weights.push_back(kernels.select(0, i));
+    convs.biases.push_back(bs.select(0, i));
+  }
   at::Tensor y = at::empty({batch, 1, n, channels}, x.options());
-  at::Tensor new_state = at::empty(state.sizes(), state.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_step", [&] {
-    const scalar_t *xp = xs.data_ptr<scalar_t>(), *sp = st.data_ptr<scalar_t>(), *kp = ks.data_ptr<scalar_t>(),
-                   *bp = bs.data_ptr<scalar_t>();
-    scalar_t *yp = y.data_ptr<scalar_t>(), *np = new_state.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < batch; ++i) {
-      const scalar_t* s_i = sp + i * (width - 1) * channels;  // window: s_i[0..K-2], then x
-      const scalar_t* x_i = xp + i * channels;
-      for (int64_t c_n = 0; c_n < n; ++c_n) {
-        scalar_t* y_i = yp + (i * n + c_n) * channels;
-        for (int64_t c = 0; c < channels; ++c) {
-          const scalar_t* k = kp + (c_n * channels + c) * width;
-          scalar_t acc = bp[c_n * channels + c];
-          for (int64_t t = 0; t < width - 1; ++t) acc += s_i[t * channels + c] * k[t];
-          y_i[c] = acc + x_i[c] * k[width - 1];
-        }
-      }
-      scalar_t* n_i = np + i * (width - 1) * channels;
-      if (width > 2) std::copy(s_i + channels, s_i + (width - 1) * channels, n_i);
-      if (width > 1) std::copy(x_i, x_i + channels, n_i + (width - 2) * channels);
-    }
-  });
+  std::vector<at::Tensor> ys;
+  for (int64_t i = 0; i < n; ++i) ys.push_back(y.select(2, i));  // rows n * C apart
+  at::Tensor new_state = conv_into(x, state, convs, ys, n * channels, "conv_step");
   return {y, new_state};
 }
 
@@ -298,10 +349,9 @@ std::vector<at::Tensor> conv_step(const at::Tensor& x, const at::Tensor& state, 
 //   token_idx, learnable_token_idx: [M]; ln_weight/ln_bias: [H, d]; post_weight/post_bias: [C].
 // Empty tensors stand for absent ones. Returns [out (before o_proj) [B, 1, C], new conv state (empty without
 // convs), G_W, G_b] and, when some row ends its mini-batch, [W0, b0].
-std::vector<at::Tensor> ttt_linear_decode_layer(
+std::vector<at::Tensor> layer_step(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g, const at::Tensor& lr_logits,
-    const at::Tensor& conv_state, const at::Tensor& conv_kernels, const at::Tensor& conv_biases,
-    const at::Tensor& rope, const at::Tensor& token_idx, const at::Tensor& learnable_token_idx,
+    const c10::optional<at::Tensor>& conv_state, const ConvKernels& convs, const at::Tensor& rope, const at::Tensor& token_idx, const at::Tensor& learnable_token_idx,
     const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& post_weight,
     const at::Tensor& post_bias, const at::Tensor& w, const at::Tensor& b, const at::Tensor& g_w,
     const at::Tensor& g_b, const at::Tensor& seen, double lr_scale, double eps, double post_eps) {
@@ -310,7 +360,7 @@ std::vector<at::Tensor> ttt_linear_decode_layer(
   fail(ln_weight.dim() == 2, "ln_weight must be [H, d]");
   const int64_t batch = q.size(0), channels = q.size(2), heads = ln_weight.size(0), d = ln_weight.size(1);
   const int64_t mini_batch_size = token_idx.numel();
-  const bool has_conv = conv_kernels.numel() > 0, has_gate = g.numel() > 0;  // empty tensors: absent
+  const bool has_conv = !convs.weights.empty(), has_gate = g.numel() > 0;  // empty tensors: absent
   fail(heads * d == channels && d % 2 == 0, "ln_weight must be [H, d] with H * d = C and d even");
   fail(v.sizes() == q.sizes() && (!has_gate || g.sizes() == q.sizes()), "v (and g) must be [B, 1, C] like q");
   fail(has_conv || k.sizes() == q.sizes(), "k must be [B, 1, C] without conv kernels");
@@ -328,11 +378,10 @@ std::vector<at::Tensor> ttt_linear_decode_layer(
   // Q and K [B, C] (after the convs), then RoPE in place on these fresh buffers.
   at::Tensor xq, xk, new_conv_state;
   if (has_conv) {
-    fail(conv_kernels.dim() == 3 && conv_kernels.size(0) == 2, "conv_kernels must be [2, C, K] (conv_q, conv_k)");
-    std::vector<at::Tensor> conv = conv_step(q, conv_state, conv_kernels, conv_biases);  // y [B, 1, 2, C]
-    xq = conv[0].select(2, 0).contiguous();
-    xk = conv[0].select(2, 1).contiguous();
-    new_conv_state = conv[1];
+    fail(convs.weights.size() == 2, "two conv kernels (conv_q, conv_k)");
+    xq = at::empty({batch, channels}, q.options());
+    xk = at::empty({batch, channels}, q.options());
+    new_conv_state = conv_into(q, conv_state, convs, {xq, xk}, channels, "ttt_linear_decode_layer");
   } else {
     xq = q.contiguous().clone();
     xk = k.contiguous().clone();
@@ -400,6 +449,25 @@ std::vector<at::Tensor> ttt_linear_decode_layer(
   return result;
 }
 
+// The layer step as an op: conv_kernels [2, C, K] and conv_biases [2, C] (conv_q, conv_k), empty without convs.
+std::vector<at::Tensor> ttt_linear_decode_layer(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g, const at::Tensor& lr_logits,
+    const at::Tensor& conv_state, const at::Tensor& conv_kernels, const at::Tensor& conv_biases,
+    const at::Tensor& rope, const at::Tensor& token_idx, const at::Tensor& learnable_token_idx,
+    const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& post_weight,
+    const at::Tensor& post_bias, const at::Tensor& w, const at::Tensor& b, const at::Tensor& g_w,
+    const at::Tensor& g_b, const at::Tensor& seen, double lr_scale, double eps, double post_eps) {
+  ConvKernels convs;
+  if (conv_kernels.numel() > 0) {
+    check(conv_kernels.dim() == 3 && conv_kernels.size(0) == 2 && conv_biases.numel() == 2 * conv_kernels.size(1),
+          "ttt_linear_decode_layer: conv_kernels must be [2, C, K] (conv_q, conv_k) and conv_biases [2, C]");
+    const at::Tensor biases = conv_biases.reshape({2, -1});
+    convs = {{conv_kernels.select(0, 0), conv_kernels.select(0, 1)}, {biases.select(0, 0), biases.select(0, 1)}};
+  }
+  return layer_step(q, k, v, g, lr_logits, conv_state, convs, rope, token_idx, learnable_token_idx, ln_weight, ln_bias,
+                    post_weight, post_bias, w, b, g_w, g_b, seen, lr_scale, eps, post_eps);
+}
+
 // A whole TTT block (TTTBlock.forward, TTT-Linear, SwiGLU with SiLU) for one token per row, projections included
 // (at::linear, i.e. the same BLAS calls as nn.Linear): [h + conv(rms(h))] -> h + o_proj(layer step) -> h + MLP.
 // `params` holds the block's parameters and buffers in the order of BlockParam, as the modules store them (the views
@@ -425,43 +493,36 @@ std::vector<at::Tensor> ttt_linear_decode_block(const at::Tensor& h_in, at::Tens
   fail(params.size() == kNumBlockParams, "params must hold " + std::to_string(kNumBlockParams) + " tensors");
   const int64_t batch = h_in.size(0), channels = h_in.size(2);
   const at::Tensor empty = at::empty({0}, h_in.options());
-  // [C, 1, K] depthwise kernels stacked as [n, C, K] and their biases as [n, C] (conv_step's layout); the state.
-  auto convs = [&](std::initializer_list<int> weights, const c10::optional<at::Tensor>& state) {
-    std::vector<at::Tensor> kernels, biases;
-    for (int i : weights) {
-      fail(params[i].dim() == 3 && params[i].size(0) == channels && params[i].size(1) == 1,
-           "conv weights must be [C, 1, K]");
-      kernels.push_back(params[i].select(1, 0));
-      biases.push_back(params[i + 1]);
-    }
-    const int64_t width = params[*weights.begin()].size(2);
-    at::Tensor s = state.has_value() ? *state : at::zeros({batch, width - 1, channels}, h_in.options());
-    return std::vector<at::Tensor>{at::stack(kernels), at::stack(biases), s};
+  // h + x W^T as one BLAS call (the residual adds of the block), [B, 1, C] in and out
+  auto residual_linear = [&](const at::Tensor& h, const at::Tensor& x, const at::Tensor& weight) {
+    return at::addmm(h.view({batch, channels}), x.view({batch, x.size(-1)}), weight.t()).view({batch, 1, channels});
   };
 
-  at::Tensor h = h_in, pre_state = empty;
-  if (params[kPreConvWeight].numel() > 0) {
-    std::vector<at::Tensor> pre = convs({kPreConvWeight}, pre_conv_state);
-    std::vector<at::Tensor> conv = conv_step(rms_norm(h, params[kPreNormWeight], rms_eps), pre[2], pre[0], pre[1]);
-    h = h + conv[0].select(2, 0);
-    pre_state = conv[1];
+  at::Tensor h = h_in.contiguous(), pre_state = empty;
+  if (params[kPreConvWeight].numel() > 0) {  // h + conv(rms(h)), the conv written straight into the sum's buffer
+    at::Tensor y = at::empty({batch, 1, channels}, h.options());
+    pre_state = conv_into(rms_norm(h, params[kPreNormWeight], rms_eps), pre_conv_state,
+                          {{params[kPreConvWeight]}, {params[kPreConvBias]}}, {y}, channels, "ttt_linear_decode_block");
+    h = y.add_(h);
   }
-  const bool share_qk = params[kConvQWeight].numel() > 0;
-  std::vector<at::Tensor> qk_conv = share_qk ? convs({kConvQWeight, kConvKWeight}, qk_conv_state)
-                                             : std::vector<at::Tensor>{empty, empty, empty};
+  ConvKernels qk_convs;
+  if (params[kConvQWeight].numel() > 0)
+    qk_convs = {{params[kConvQWeight], params[kConvKWeight]}, {params[kConvQBias], params[kConvKBias]}};
   const int64_t heads = params[kLrWeight].size(0);
   const at::Tensor x = rms_norm(h, params[kSeqNormWeight], rms_eps);
   const at::Tensor& g_weight = params[kG];
-  std::vector<at::Tensor> layer = ttt_linear_decode_layer(
-      at::linear(x, params[kQ]), share_qk ? empty : at::linear(x, params[kK]), at::linear(x, params[kV]),
-      g_weight.numel() > 0 ? at::linear(x, g_weight) : empty,
-      at::linear(x, params[kLrWeight].view({heads, channels}), params[kLrBias].view({heads})), qk_conv[2],
-      qk_conv[0], qk_conv[1], params[kRope], params[kTokenIdx], params[kLearnableTokenIdx], params[kTTTNormWeight],
+  std::vector<at::Tensor> layer = layer_step(
+      at::linear(x, params[kQ]), qk_convs.weights.empty() ? at::linear(x, params[kK]) : empty,
+      at::linear(x, params[kV]), g_weight.numel() > 0 ? at::linear(x, g_weight) : empty,
+      at::linear(x, params[kLrWeight].view({heads, channels}), params[kLrBias].view({heads})), qk_conv_state,
+      qk_convs, params[kRope], params[kTokenIdx], params[kLearnableTokenIdx], params[kTTTNormWeight],
       params[kTTTNormBias], params[kPostNormWeight], params[kPostNormBias], w, b, g_w, g_b, seen, lr_scale, eps,
       post_eps);
-  h = h + at::linear(layer[0], params[kO]);
+  h = residual_linear(h, layer[0], params[kO]);
   const at::Tensor y = rms_norm(h, params[kFfnNormWeight], rms_eps);
-  h = h + at::linear(at::silu(at::linear(y, params[kGate])) * at::linear(y, params[kUp]), params[kDown]);
+  at::Tensor gate = at::linear(y, params[kGate]);  // SwiGLU: silu(gate) * up, in place
+  at::silu_(gate).mul_(at::linear(y, params[kUp]));
+  h = residual_linear(h, gate, params[kDown]);
   std::vector<at::Tensor> result = {h, pre_state, layer[1], layer[2], layer[3]};
   for (size_t i = 4; i < layer.size(); ++i) result.push_back(layer[i]);
   return result;
