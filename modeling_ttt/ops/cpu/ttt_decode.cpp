@@ -157,11 +157,14 @@ void decode_rows(int64_t rows, int64_t heads, int64_t d, int64_t mini_batch_size
   });
 }
 
-void check(bool ok, const std::string& message) {
-  TORCH_CHECK_VALUE(ok, "modeling_ttt_cpu.", message);
+// Raise a ValueError naming the op when `ok` is false; the message parts are formatted only then (checks run on
+// every token).
+template <typename... Parts>
+inline void check(bool ok, const Parts&... message) {
+  TORCH_CHECK_VALUE(ok, "modeling_ttt_cpu.", message...);
 }
 
-void check_decode(bool ok, const std::string& message) { check(ok, "ttt_linear_decode: " + message); }
+inline void check_decode(bool ok, const char* message) { check(ok, "ttt_linear_decode: ", message); }
 
 std::vector<at::Tensor> ttt_linear_decode(const at::Tensor& xq, const at::Tensor& xk, const at::Tensor& xv,
                                           const at::Tensor& inner_lr, const at::Tensor& token_scale,
@@ -283,21 +286,21 @@ void conv_rows(int64_t batch, int64_t channels, int64_t width, const T* x, const
 // conv_rows on tensors: x [B, 1, C], state [B, K-1, C] (absent: zeros, a fresh sequence) into `ys` (n outputs, rows
 // `y_stride` apart, of x's dtype). Returns the new state.
 at::Tensor conv_into(const at::Tensor& x, const c10::optional<at::Tensor>& state, const ConvKernels& convs,
-                     const std::vector<at::Tensor>& ys, int64_t y_stride, const std::string& name) {
+                     const std::vector<at::Tensor>& ys, int64_t y_stride, const char* name) {
   const int64_t batch = x.size(0), channels = x.size(2);
-  check(!convs.weights.empty() && convs.weights.size() == convs.biases.size(), name + ": no conv kernels");
+  check(!convs.weights.empty() && convs.weights.size() == convs.biases.size(), name, ": no conv kernels");
   const int64_t width = convs.weights[0].size(-1);
   for (size_t n = 0; n < convs.weights.size(); ++n) {
     const at::Tensor &w = convs.weights[n], &b = convs.biases[n];
     check(w.numel() == channels * width && w.size(0) == channels && w.size(-1) == width && b.numel() == channels,
-          name + ": conv kernels must be [C, K] (or [C, 1, K]) and biases [C]");
+          name, ": conv kernels must be [C, K] (or [C, 1, K]) and biases [C]");
     check(w.scalar_type() == x.scalar_type() && b.scalar_type() == x.scalar_type(),
-          name + ": conv kernels must have the input's dtype");
+          name, ": conv kernels must have the input's dtype");
   }
   at::Tensor st = state.has_value() ? state->contiguous() : at::zeros({batch, width - 1, channels}, x.options());
   check(st.dim() == 3 && st.size(0) == batch && st.size(1) == width - 1 && st.size(2) == channels,
-        name + ": conv state must be [B, K-1, C]");
-  check(st.scalar_type() == x.scalar_type(), name + ": conv state must have the input's dtype");
+        name, ": conv state must be [B, K-1, C]");
+  check(st.scalar_type() == x.scalar_type(), name, ": conv state must have the input's dtype");
   const at::Tensor xs = x.contiguous();
   std::vector<at::Tensor> weights, biases;
   for (size_t n = 0; n < convs.weights.size(); ++n) {
@@ -355,7 +358,7 @@ std::vector<at::Tensor> layer_step(
     const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& post_weight,
     const at::Tensor& post_bias, const at::Tensor& w, const at::Tensor& b, const at::Tensor& g_w,
     const at::Tensor& g_b, const at::Tensor& seen, double lr_scale, double eps, double post_eps) {
-  auto fail = [](bool ok, const std::string& message) { check(ok, "ttt_linear_decode_layer: " + message); };
+  auto fail = [](bool ok, const char* message) { check(ok, "ttt_linear_decode_layer: ", message); };
   fail(q.dim() == 3 && q.size(1) == 1, "q must be [B, 1, C] (one token per row)");
   fail(ln_weight.dim() == 2, "ln_weight must be [H, d]");
   const int64_t batch = q.size(0), channels = q.size(2), heads = ln_weight.size(0), d = ln_weight.size(1);
@@ -488,9 +491,9 @@ std::vector<at::Tensor> ttt_linear_decode_block(const at::Tensor& h_in, at::Tens
                                                 const at::Tensor& w, const at::Tensor& b, const at::Tensor& g_w,
                                                 const at::Tensor& g_b, const at::Tensor& seen, double lr_scale,
                                                 double eps, double post_eps, double rms_eps) {
-  auto fail = [](bool ok, const std::string& message) { check(ok, "ttt_linear_decode_block: " + message); };
+  auto fail = [](bool ok, const char* message) { check(ok, "ttt_linear_decode_block: ", message); };
   fail(h_in.dim() == 3 && h_in.size(1) == 1, "h must be [B, 1, C] (one token per row)");
-  fail(params.size() == kNumBlockParams, "params must hold " + std::to_string(kNumBlockParams) + " tensors");
+  check(params.size() == kNumBlockParams, "ttt_linear_decode_block: params must hold ", kNumBlockParams, " tensors");
   const int64_t batch = h_in.size(0), channels = h_in.size(2);
   const at::Tensor empty = at::empty({0}, h_in.options());
   // h + x W^T as one BLAS call (the residual adds of the block), [B, 1, C] in and out
@@ -537,12 +540,12 @@ std::vector<at::Tensor> ttt_linear_decode_block(const at::Tensor& h_in, at::Tens
 std::vector<at::Tensor> ttt_linear_decode_blocks(const at::Tensor& h_in, at::TensorList params,
                                                  const c10::List<c10::optional<at::Tensor>>& conv_states,
                                                  at::TensorList inner_states, at::ArrayRef<double> constants) {
-  auto fail = [](bool ok, const std::string& message) { check(ok, "ttt_linear_decode_blocks: " + message); };
+  auto fail = [](bool ok, const char* message) { check(ok, "ttt_linear_decode_blocks: ", message); };
   const int64_t blocks = static_cast<int64_t>(inner_states.size()) / 5;
   fail(static_cast<int64_t>(inner_states.size()) == 5 * blocks && blocks > 0,
        "inner_states must hold (W, b, G_W, G_b, seen) per block");
-  fail(static_cast<int64_t>(params.size()) == kNumBlockParams * blocks,
-       "params must hold " + std::to_string(kNumBlockParams) + " tensors per block");
+  check(static_cast<int64_t>(params.size()) == kNumBlockParams * blocks, "ttt_linear_decode_blocks: params must hold ",
+        kNumBlockParams, " tensors per block");
   fail(static_cast<int64_t>(conv_states.size()) == 2 * blocks, "conv_states must hold 2 entries per block");
   fail(constants.size() == 4, "constants must be (lr_scale, eps, post_eps, rms_eps)");
   std::vector<at::Tensor> result = {h_in};
