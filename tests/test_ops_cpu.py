@@ -90,6 +90,29 @@ def test_bad_inputs_are_named():
         op(*args, state.weights[0][:2], state.weights[1], *state.grads, state.seen, 1e-6)
 
 
+def test_bad_inputs_of_the_block_kernels_are_named():
+    """The block and model-step kernels name what is wrong with their lists and shapes."""
+    model = tiny_model("linear", "mamba")
+    block = model.model.layers[0]
+    x = torch.randn(2, 1, model.config.hidden_size)
+    with torch.no_grad():
+        params = block.fused_decode_arguments(x)
+        cache = model(torch.randint(0, 10, (2, 3)), use_cache=True).past_key_values
+    state = cache.layers[0].inner_state
+    inner = [*state.weights, *state.grads, state.seen]
+    blocks = torch.ops.modeling_ttt_cpu.ttt_linear_decode_blocks
+    with pytest.raises(ValueError, match="params must hold 26 tensors per block"):
+        blocks(x, params[:-1], [None, None], inner, [0.1, 1e-6, 1e-6, 1e-6])
+    with pytest.raises(ValueError, match=r"inner_states must hold \(W, b, G_W, G_b, seen\) per block"):
+        blocks(x, params, [None, None], inner[:4], [0.1, 1e-6, 1e-6, 1e-6])
+    with pytest.raises(ValueError, match="conv_states must hold 2 entries per block"):
+        blocks(x, params, [None], inner, [0.1, 1e-6, 1e-6, 1e-6])
+    with pytest.raises(ValueError, match=r"conv state must be \[B, K-1, C\]"):
+        blocks(x, params, [torch.zeros(2, 1, model.config.hidden_size), None], inner, [0.1, 1e-6, 1e-6, 1e-6])
+    with pytest.raises(ValueError, match=r"h must be \[B, 1, C\]"):
+        blocks(x.expand(2, 2, -1), params, [None, None], inner, [0.1, 1e-6, 1e-6, 1e-6])
+
+
 @pytest.mark.parametrize("backbone", ["mamba", "transformer"])
 def test_models_decode_the_same_tokens(backbone):
     """Greedy generation of a left-padded batch (rows at different positions) with ttt_impl="cpp" and "torch":

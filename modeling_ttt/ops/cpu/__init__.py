@@ -3,10 +3,12 @@
 * `ttt_linear` here: [`modeling_ttt.ops.reference.ttt_linear`] with its one-token steps (no autograd) run by the
   `ttt_linear_decode` kernel; everything else (prefill, training, padding, other dtypes) is the reference itself.
   TTT-MLP has no kernel (`ttt_mlp` is the reference's).
-* `torch.ops.modeling_ttt_cpu.ttt_linear_decode_block`: a whole TTT-Linear block's one-token step, projections
-  included (`TTTBlock.fused_decode_step`, taken when the projections are plain `nn.Linear`s without hooks);
-  `ttt_linear_decode_layer`: the layer step between its projections (`TTTLinear.fused_decode_step`, e.g. with PEFT
-  adapters on the projections); `rms_norm` and `conv_step` for the RMSNorms and causal convs.
+* `torch.ops.modeling_ttt_cpu.ttt_linear_decode_blocks`: every block's one-token step in one call
+  (`TTTModel.fused_decode_plan`, taken when all blocks are the plain modules without hooks);
+  `ttt_linear_decode_block`: one TTT-Linear block's step, projections included (`TTTBlock.fused_decode_step`, when
+  the plan cannot run); `ttt_linear_decode_layer`: the layer step between its projections
+  (`TTTLinear.fused_decode_step`, e.g. with PEFT adapters on the projections); `rms_norm` and `conv_step` for the
+  RMSNorms and causal convs.
 
 Why: decoding a small model on a CPU spends more time launching PyTorch's small kernels (~50 per layer and token)
 than computing them; each C++ kernel does the same arithmetic in one call. `tests/test_ops_cpu.py` holds them to

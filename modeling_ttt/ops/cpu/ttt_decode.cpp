@@ -1,6 +1,7 @@
 // C++ CPU kernels for decoding (one token per row, no autograd, float32/float64): the TTT-Linear inner step
 // (ttt_linear_decode), the layer step between its projections (ttt_linear_decode_layer), a whole block
-// (ttt_linear_decode_block), RMSNorm and the causal-conv step. The inner step first:
+// (ttt_linear_decode_block), all blocks of a model (ttt_linear_decode_blocks), RMSNorm and the causal-conv step.
+// The inner step first:
 // Returns [out, G_W, G_b] when no row ends its mini-batch (W0, b0 unchanged), else [out, G_W, G_b, W0, b0].
 //
 // The same numbers as `_ttt_one_token("linear", ...)` in modeling_ttt/ops/reference.py (the spec; read it first),
