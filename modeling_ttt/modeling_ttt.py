@@ -172,7 +172,10 @@ class FusedDecodePlan:
         return cls(params, checks, hidden_states.dtype, blocks[0].pre_conv, layer.share_qk, constants)
 
     def is_current(self, hidden_states: torch.Tensor) -> bool:
-        if _hook_count() != self.hook_count or hidden_states.dtype != self.dtype or self.params[-1].dtype != self.dtype:
+        hook_count = _hook_count()
+        if hook_count is None or hook_count != self.hook_count:
+            return False  # (without the counter, a plan is never reused: correct, at the per-block cost)
+        if hidden_states.dtype != self.dtype or self.params[-1].dtype != self.dtype:
             return False
         return all(members.get(name) is member for members, name, member in self.checks)
 
@@ -196,9 +199,10 @@ class FusedDecodePlan:
         return outputs[0]
 
 
-def _hook_count() -> int:
-    """How many hooks torch has ever registered (any module, tensor or global hook takes a `RemovableHandle`)."""
-    return RemovableHandle.next_id
+def _hook_count() -> int | None:
+    """How many hooks torch has ever registered (any module, tensor or global hook takes a `RemovableHandle`), or
+    None if this torch does not count them."""
+    return getattr(RemovableHandle, "next_id", None)
 
 
 class TTTPreTrainedModel(PreTrainedModel):
