@@ -93,13 +93,6 @@ def causal_depthwise_conv(
     return y, torch.gather(extended, 1, index.expand(batch, width - 1, channels))
 
 
-def conv_state_or_zeros(layer_state, name: str, kernels: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The conv state `name` of `layer_state`, or zeros `[B, K-1, C]` for a fresh sequence (as the C++ kernels
-    take it)."""
-    state = layer_state.conv_states.get(name)
-    return state if state is not None else x.new_zeros(x.shape[0], kernels.shape[-1] - 1, x.shape[-1])
-
-
 def _conv_parameters(*convs: nn.Conv1d) -> tuple[torch.Tensor, torch.Tensor]:
     """`(kernels [n, C, K], biases [n, C])` of depthwise `nn.Conv1d`s, for `causal_depthwise_conv`."""
     if len(convs) == 1:
@@ -303,18 +296,20 @@ class TTTLinear(TTTLayerBase):
             self.v_proj(hidden_states), self.g_proj(hidden_states) if self.use_gate else empty, lr_logits,
             *self.qk_decode_inputs(hidden_states, layer_state), *self.decode_parameters(), *state.weights,
             *state.grads, state.seen, *self.decode_constants())
-        self.store_decode_state(layer_state, outputs[1], outputs[2:])
+        if self.share_qk:
+            layer_state.conv_states["qk"] = outputs[1]
+        layer_state.inner_state = cpu_state_after(state, outputs[2:])
         return self.o_proj(outputs[0])
 
-    # -- what the C++ decoding kernels take and give (shared by this layer's and TTTBlock's fused steps) ----------
+    # -- what the C++ decoding kernels take (shared by this layer's and TTTBlock's fused steps) --------------------
 
     def qk_decode_inputs(self, hidden_states: torch.Tensor, layer_state) -> tuple[torch.Tensor, ...]:
-        """(conv state, kernels, biases) of the Q/K convs; empty tensors without them (separate k_proj)."""
+        """(conv state (None for a fresh sequence), kernels, biases) of the Q/K convs; empty tensors without them
+        (separate k_proj)."""
         if not self.share_qk:
             empty = hidden_states.new_empty(0)
             return empty, empty, empty
-        kernels, biases = self.qk_conv_parameters()
-        return conv_state_or_zeros(layer_state, "qk", kernels, hidden_states), kernels, biases
+        return layer_state.conv_states.get("qk"), *self.qk_conv_parameters()
 
     def decode_parameters(self) -> tuple[torch.Tensor, ...]:
         """(RoPE table, token_idx, learnable_token_idx, inner LayerNorm weight and bias, post-norm weight and bias).
@@ -326,11 +321,6 @@ class TTTLinear(TTTLayerBase):
     def decode_constants(self) -> tuple[float, ...]:
         """(inner learning-rate scale η_base/d, inner LayerNorm eps, post-norm eps)."""
         return self.config.ttt_base_lr / self.head_dim, LAYER_NORM_EPS, self._modules["post_norm"].eps
-
-    def store_decode_state(self, layer_state, qk_state: torch.Tensor, kernel_state) -> None:
-        if self.share_qk:
-            layer_state.conv_states["qk"] = qk_state
-        layer_state.inner_state = cpu_state_after(layer_state.inner_state, kernel_state)
 
     def __init__(self, config: TTTConfig, layer_idx: int):
         super().__init__(config, layer_idx)

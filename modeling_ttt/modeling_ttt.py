@@ -17,7 +17,6 @@ from .cache import TTTCache
 from .configuration_ttt import TTTConfig
 from .layers import TTT_LAYER_CLASSES, RMSNorm, SwiGLUMLP, TTTConvBlock, TTTLayerBase, TTTLinear
 from .ops import InnerState, cpp_kernels_apply
-from .ops.reference import LAYER_NORM_EPS
 
 logger = logging.get_logger(__name__)
 
@@ -52,7 +51,7 @@ class TTTBlock(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.ffn_norm(hidden_states))
 
     def fused_decode_arguments(self, hidden_states: torch.Tensor) -> list[torch.Tensor] | None:
-        """The `params` of the C++ block kernel (`ttt_linear_decode_block`, order `BlockParam` in
+        """This block's `params` of the C++ kernel (`ttt_linear_decode_blocks`, order `BlockParam` in
         `ops/cpu/ttt_decode.cpp`) when this one-token step may run as that one kernel, else `None`: it needs no
         autograd, the C++ kernels to apply (`ttt_impl`), TTT-Linear with a SiLU MLP, and every submodule to be the
         plain module the kernel reimplements, without hooks (a PEFT adapter, a quantized linear or a hook keeps the
@@ -100,15 +99,33 @@ class TTTBlock(GradientCheckpointingLayer):
     def fused_decode_step(self, hidden_states: torch.Tensor, layer_state, arguments: list[torch.Tensor]):
         """`forward` for one token per row as one C++ kernel (`modeling_ttt.ops.cpu`), given
         `fused_decode_arguments`: the same arithmetic as the modules (tests/test_ops_cpu.py), without ~15 module
-        calls and ~25 kernel launches per block."""
-        layer, state, conv_states = self.seq_modeling_block, layer_state.inner_state, layer_state.conv_states
-        outputs = torch.ops.modeling_ttt_cpu.ttt_linear_decode_block(
-            hidden_states, arguments, conv_states.get("pre_conv"), conv_states.get("qk"),
-            *state.weights, *state.grads, state.seen, *layer.decode_constants(), self.seq_norm.variance_epsilon)
-        if self.pre_conv:
-            conv_states["pre_conv"] = outputs[1]
-        layer.store_decode_state(layer_state, outputs[2], outputs[3:])
-        return outputs[0]
+        calls and ~25 kernel launches per block. (The kernel of `FusedDecodePlan`, for this block alone.)"""
+        return _decode_blocks(hidden_states, arguments, [layer_state], self.decode_constants(), self.pre_conv,
+                              self.seq_modeling_block.share_qk)
+
+    def decode_constants(self) -> list[float]:
+        """(inner learning-rate scale, inner LayerNorm eps, post-norm eps, RMSNorm eps) for the C++ kernel."""
+        return [*self.seq_modeling_block.decode_constants(), self.seq_norm.variance_epsilon]
+
+
+def _decode_blocks(hidden_states, params, layer_states, constants, pre_conv: bool, share_qk: bool) -> torch.Tensor:
+    """Run `ttt_linear_decode_blocks` over consecutive blocks (their kernel `params` and cache layers) and store each
+    layer's new state in the cache."""
+    conv_states, inner_states = [], []
+    for layer_state in layer_states:
+        state, convs = layer_state.inner_state, layer_state.conv_states
+        conv_states += (convs.get("pre_conv"), convs.get("qk"))
+        inner_states += (*state.weights, *state.grads, state.seen)
+    outputs = torch.ops.modeling_ttt_cpu.ttt_linear_decode_blocks(hidden_states, params, conv_states, inner_states,
+                                                                   constants)
+    for i, layer_state in enumerate(layer_states):
+        pre_conv_state, qk_state, w, b, g_w, g_b, seen = outputs[1 + 7 * i : 8 + 7 * i]
+        layer_state.inner_state = InnerState((w, b), (g_w, g_b), seen)
+        if pre_conv:
+            layer_state.conv_states["pre_conv"] = pre_conv_state
+        if share_qk:
+            layer_state.conv_states["qk"] = qk_state
+    return outputs[0]
 
 
 def _plain(module: nn.Module, cls: type) -> bool:
@@ -144,9 +161,8 @@ class FusedDecodePlan:
 
     _ATTRIBUTES = ("forward", "pre_conv", "share_qk", "use_gate", "variance_epsilon", "eps")
 
-    def __init__(self, params, checks, dtype, pre_conv: bool, share_qk: bool, constants: tuple[float, ...]):
-        self.params, self.checks, self.dtype = params, checks, dtype
-        self.pre_conv, self.share_qk, self.constants = pre_conv, share_qk, constants
+    def __init__(self, params, checks, dtype, first_block: TTTBlock):
+        self.params, self.checks, self.dtype, self.first_block = params, checks, dtype, first_block
         self.hook_count = _hook_count()
 
     @classmethod
@@ -157,19 +173,15 @@ class FusedDecodePlan:
             if arguments is None:
                 return None
             params += arguments
-        blocks = list(model.layers)
-        layers = [block.seq_modeling_block for block in blocks]
-        if (len({(block.pre_conv, layer.share_qk, block.seq_norm.variance_epsilon, layer.post_norm.eps)
-                 for block, layer in zip(blocks, layers)}) != 1):
+        if len({(block.pre_conv, block.seq_modeling_block.share_qk, *block.decode_constants())
+                for block in model.layers}) != 1:
             return None  # the kernel takes one set of constants and conv layout for all blocks
         checks = [(model._modules, "layers", model.layers)]
         for module in model.layers.modules():
             checks += [(module.__dict__, name, module.__dict__.get(name)) for name in cls._ATTRIBUTES]
             for members in (module._modules, module._parameters, module._buffers):
                 checks += [(members, name, member) for name, member in members.items()]
-        layer = layers[0]
-        constants = (layer.head_dim, LAYER_NORM_EPS, layer.post_norm.eps, blocks[0].seq_norm.variance_epsilon)
-        return cls(params, checks, hidden_states.dtype, blocks[0].pre_conv, layer.share_qk, constants)
+        return cls(params, checks, hidden_states.dtype, model.layers[0])
 
     def is_current(self, hidden_states: torch.Tensor) -> bool:
         hook_count = _hook_count()
@@ -179,24 +191,11 @@ class FusedDecodePlan:
             return False
         return all(members.get(name) is member for members, name, member in self.checks)
 
-    def step(self, hidden_states: torch.Tensor, cache: TTTCache, ttt_base_lr: float) -> torch.Tensor:
+    def step(self, hidden_states: torch.Tensor, cache: TTTCache) -> torch.Tensor:
         """Every block's one-token step (hidden states `[B, 1, C]` in and out), the cache's state updated."""
-        conv_states, inner_states = [], []
-        for layer_state in cache.layers:
-            state, convs = layer_state.inner_state, layer_state.conv_states
-            conv_states += (convs.get("pre_conv"), convs.get("qk"))
-            inner_states += (*state.weights, *state.grads, state.seen)
-        head_dim, *epsilons = self.constants
-        outputs = torch.ops.modeling_ttt_cpu.ttt_linear_decode_blocks(hidden_states, self.params, conv_states,
-                                                                       inner_states, [ttt_base_lr / head_dim, *epsilons])
-        for i, layer_state in enumerate(cache.layers):
-            pre_conv, qk, w, b, g_w, g_b, seen = outputs[1 + 7 * i : 8 + 7 * i]
-            layer_state.inner_state = InnerState((w, b), (g_w, g_b), seen)
-            if self.pre_conv:
-                layer_state.conv_states["pre_conv"] = pre_conv
-            if self.share_qk:
-                layer_state.conv_states["qk"] = qk
-        return outputs[0]
+        first = self.first_block
+        return _decode_blocks(hidden_states, self.params, cache.layers, first.decode_constants(), first.pre_conv,
+                              first.seq_modeling_block.share_qk)
 
 
 def _hook_count() -> int | None:
@@ -337,7 +336,7 @@ class TTTModel(TTTPreTrainedModel):
         if seq_len == 1 and order is None and not output_hidden_states and past_key_values is not None:
             plan = self.fused_decode_plan(hidden_states, past_key_values)
         if plan is not None:
-            hidden_states = plan.step(hidden_states, past_key_values, self.config.ttt_base_lr)
+            hidden_states = plan.step(hidden_states, past_key_values)
         for i, block in enumerate(self.layers if plan is None else ()):
             if output_hidden_states:
                 all_hidden_states += (_scatter_rows(hidden_states, order, num_tokens),)

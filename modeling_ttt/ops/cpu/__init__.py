@@ -3,10 +3,10 @@
 * `ttt_linear` here: [`modeling_ttt.ops.reference.ttt_linear`] with its one-token steps (no autograd) run by the
   `ttt_linear_decode` kernel; everything else (prefill, training, padding, other dtypes) is the reference itself.
   TTT-MLP has no kernel (`ttt_mlp` is the reference's).
-* `torch.ops.modeling_ttt_cpu.ttt_linear_decode_blocks`: every block's one-token step in one call
-  (`TTTModel.fused_decode_plan`, taken when all blocks are the plain modules without hooks);
-  `ttt_linear_decode_block`: one TTT-Linear block's step, projections included (`TTTBlock.fused_decode_step`, when
-  the plan cannot run); `ttt_linear_decode_layer`: the layer step between its projections
+* `torch.ops.modeling_ttt_cpu.ttt_linear_decode_blocks`: consecutive TTT-Linear blocks' one-token step,
+  projections included — every block in one call (`TTTModel.fused_decode_plan`, taken when all blocks are the plain
+  modules without hooks), or one block (`TTTBlock.fused_decode_step`, when the plan cannot run);
+  `ttt_linear_decode_layer`: the layer step between its projections
   (`TTTLinear.fused_decode_step`, e.g. with PEFT adapters on the projections); `rms_norm` and `conv_step` for the
   RMSNorms and causal convs.
 

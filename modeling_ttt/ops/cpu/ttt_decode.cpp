@@ -1,6 +1,6 @@
 // C++ CPU kernels for decoding (one token per row, no autograd, float32/float64): the TTT-Linear inner step
-// (ttt_linear_decode), the layer step between its projections (ttt_linear_decode_layer), a whole block
-// (ttt_linear_decode_block), all blocks of a model (ttt_linear_decode_blocks), RMSNorm and the causal-conv step.
+// (ttt_linear_decode), the layer step between its projections (ttt_linear_decode_layer), whole blocks
+// (ttt_linear_decode_blocks, one block after the other), RMSNorm and the causal-conv step.
 // The inner step first:
 // Returns [out, G_W, G_b] when no row ends its mini-batch (W0, b0 unchanged), else [out, G_W, G_b, W0, b0].
 //
@@ -348,17 +348,19 @@ std::vector<at::Tensor> conv_step(const at::Tensor& x, const at::Tensor& state, 
 // The whole decoding step of a TTT-Linear layer between its projections (see TTTLayerBase.forward in layers.py):
 // [Q/K causal convs (Mamba backbone)] -> RoPE at each row's position in its mini-batch -> inner learning rates and
 // token scales -> the TTT-Linear step above -> post LayerNorm -> [gelu gate]. One token per row.
-//   q, k: [B, 1, C] projections (k empty when conv_kernels, [2, C, K], derive Q and K from q; conv_state [B, K-1, C]);
+//   q, k: [B, 1, C] projections (k empty when `convs`, conv_q and conv_k, derive Q and K from q; conv_state
+//   [B, K-1, C], absent for a fresh sequence);
 //   v, g: [B, 1, C] (g empty without gate); lr_logits: [B, 1, H]; rope: [M, d/2, 2] (cos, sin);
 //   token_idx, learnable_token_idx: [M]; ln_weight/ln_bias: [H, d]; post_weight/post_bias: [C].
 // Empty tensors stand for absent ones. Returns [out (before o_proj) [B, 1, C], new conv state (empty without
 // convs), G_W, G_b] and, when some row ends its mini-batch, [W0, b0].
 std::vector<at::Tensor> layer_step(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g, const at::Tensor& lr_logits,
-    const c10::optional<at::Tensor>& conv_state, const ConvKernels& convs, const at::Tensor& rope, const at::Tensor& token_idx, const at::Tensor& learnable_token_idx,
-    const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& post_weight,
-    const at::Tensor& post_bias, const at::Tensor& w, const at::Tensor& b, const at::Tensor& g_w,
-    const at::Tensor& g_b, const at::Tensor& seen, double lr_scale, double eps, double post_eps) {
+    const c10::optional<at::Tensor>& conv_state, const ConvKernels& convs, const at::Tensor& rope,
+    const at::Tensor& token_idx, const at::Tensor& learnable_token_idx, const at::Tensor& ln_weight,
+    const at::Tensor& ln_bias, const at::Tensor& post_weight, const at::Tensor& post_bias, const at::Tensor& w,
+    const at::Tensor& b, const at::Tensor& g_w, const at::Tensor& g_b, const at::Tensor& seen, double lr_scale,
+    double eps, double post_eps) {
   auto fail = [](bool ok, const char* message) { check(ok, "ttt_linear_decode_layer: ", message); };
   fail(q.dim() == 3 && q.size(1) == 1, "q must be [B, 1, C] (one token per row)");
   fail(ln_weight.dim() == 2, "ln_weight must be [H, d]");
@@ -422,8 +424,9 @@ std::vector<at::Tensor> layer_step(
 
   // The inner step (its own checks, allocations and the weights returned only where a mini-batch ends).
   const std::vector<int64_t> per_head = {batch, heads, 1, d};
-  std::vector<at::Tensor> result = ttt_linear_decode(xq.view(per_head), xk.view(per_head), v.contiguous().view(per_head),
-                                                     lr, scale, ln_weight, ln_bias, w, b, g_w, g_b, seen, eps);
+  std::vector<at::Tensor> result = ttt_linear_decode(xq.view(per_head), xk.view(per_head),
+                                                     v.contiguous().view(per_head), lr, scale, ln_weight, ln_bias, w,
+                                                     b, g_w, g_b, seen, eps);
 
   // post_norm (LayerNorm over C), then the gate gelu_tanh(g) * ; result[0] becomes the layer's output.
   at::Tensor out = at::empty(q.sizes(), q.options());
@@ -456,7 +459,7 @@ std::vector<at::Tensor> layer_step(
 // The layer step as an op: conv_kernels [2, C, K] and conv_biases [2, C] (conv_q, conv_k), empty without convs.
 std::vector<at::Tensor> ttt_linear_decode_layer(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g, const at::Tensor& lr_logits,
-    const at::Tensor& conv_state, const at::Tensor& conv_kernels, const at::Tensor& conv_biases,
+    const c10::optional<at::Tensor>& conv_state, const at::Tensor& conv_kernels, const at::Tensor& conv_biases,
     const at::Tensor& rope, const at::Tensor& token_idx, const at::Tensor& learnable_token_idx,
     const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& post_weight,
     const at::Tensor& post_bias, const at::Tensor& w, const at::Tensor& b, const at::Tensor& g_w,
@@ -573,16 +576,11 @@ TORCH_LIBRARY(modeling_ttt_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
   m.def("conv_step(Tensor x, Tensor state, Tensor kernels, Tensor biases) -> Tensor[]", &conv_step);
   m.def(
-      "ttt_linear_decode_layer(Tensor q, Tensor k, Tensor v, Tensor g, Tensor lr_logits, Tensor conv_state, "
+      "ttt_linear_decode_layer(Tensor q, Tensor k, Tensor v, Tensor g, Tensor lr_logits, Tensor? conv_state, "
       "Tensor conv_kernels, Tensor conv_biases, Tensor rope, Tensor token_idx, Tensor learnable_token_idx, "
       "Tensor ln_weight, Tensor ln_bias, Tensor post_weight, Tensor post_bias, Tensor W, Tensor b, Tensor G_W, "
       "Tensor G_b, Tensor seen, float lr_scale, float eps, float post_eps) -> Tensor[]",
       &ttt_linear_decode_layer);
-  m.def(
-      "ttt_linear_decode_block(Tensor h, Tensor[] params, Tensor? pre_conv_state, Tensor? qk_conv_state, Tensor W, "
-      "Tensor b, Tensor G_W, Tensor G_b, Tensor seen, float lr_scale, float eps, float post_eps, float rms_eps) "
-      "-> Tensor[]",
-      &ttt_linear_decode_block);
   m.def(
       "ttt_linear_decode_blocks(Tensor h, Tensor[] params, Tensor?[] conv_states, Tensor[] inner_states, "
       "float[] constants) -> Tensor[]",
