@@ -213,22 +213,24 @@ def test_fused_layer_step_equals_the_layer_forward(backbone):
 
 
 @pytest.mark.parametrize("backbone", ["mamba", "transformer"])
-def test_fused_block_step_equals_the_module_path(backbone, monkeypatch):
+@pytest.mark.parametrize("rows, intermediate_size", [(3, 64), (2, 38), (10, 64)], ids=["gemv", "gemv-tails", "gemm"])
+def test_fused_block_step_equals_the_module_path(backbone, rows, intermediate_size, monkeypatch):
     """A whole block's one-token step as one kernel (projections included) against the module-by-module path,
-    float64, rows at different positions: outputs, conv states and inner states."""
+    float64, rows at different positions: outputs, conv states and inner states. The kernel's own matrix-vector
+    products serve up to 8 rows (with widths that are not multiples of its 4 rows / 8 lanes: 38), BLAS more."""
     import copy
 
     from modeling_ttt.cache import TTTCacheLayer
 
-    model = tiny_model("linear", backbone).double()
+    model = tiny_model("linear", backbone, intermediate_size=intermediate_size).double()
     block = model.model.layers[0]
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for p in block.parameters():
             p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
-        hidden = torch.randn(3, 20, block.config.hidden_size, generator=gen, dtype=torch.float64)
+        hidden = torch.randn(rows, 20, block.config.hidden_size, generator=gen, dtype=torch.float64)
         state = TTTCacheLayer()
-        block(hidden[:, :7], num_tokens=torch.tensor([7, 2, 5]), past_key_values=state)
+        block(hidden[:, :7], num_tokens=torch.tensor([7, 2, 5, 1, 6, 3, 7, 4, 2, 5][:rows]), past_key_values=state)
         fused_state = copy.deepcopy(state)
         for t in range(7, 20):
             assert block.fused_decode_arguments(hidden[:, t : t + 1]) is not None
@@ -239,7 +241,7 @@ def test_fused_block_step_equals_the_module_path(backbone, monkeypatch):
             torch.testing.assert_close(got, expected, atol=1e-12, rtol=0, msg=f"token {t}")
     assert_states_close(fused_state.inner_state, state.inner_state, atol=1e-12)
     for name in state.conv_states:
-        assert torch.equal(fused_state.conv_states[name], state.conv_states[name])
+        torch.testing.assert_close(fused_state.conv_states[name], state.conv_states[name], atol=1e-12, rtol=0)
 
 
 def test_fused_block_step_steps_aside_for_adapters_and_hooks():

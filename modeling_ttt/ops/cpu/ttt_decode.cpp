@@ -1,6 +1,6 @@
 // C++ CPU kernels for decoding (one token per row, no autograd, float32/float64): the TTT-Linear inner step
 // (ttt_linear_decode), the layer step between its projections (ttt_linear_decode_layer), whole blocks
-// (ttt_linear_decode_blocks, one block after the other), RMSNorm and the causal-conv step.
+// (ttt_linear_decode_blocks, one block after the other, with their projections), RMSNorm and the causal-conv step.
 // The inner step first:
 // Returns [out, G_W, G_b] when no row ends its mini-batch (W0, b0 unchanged), else [out, G_W, G_b, W0, b0].
 //
@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -475,8 +476,134 @@ std::vector<at::Tensor> ttt_linear_decode_layer(
                     post_weight, post_bias, w, b, g_w, g_b, seen, lr_scale, eps, post_eps);
 }
 
+// -- The block's projections -------------------------------------------------------------------------------------
+// Decoding reads every weight matrix from memory once per token: for a few rows a projection is a matrix-vector
+// product bound by memory bandwidth. at::linear (MKL) splits each product statically between the threads and
+// returns through the dispatcher after each one; a thread that the (shared) machine slows then holds up the other at
+// every product's end (measured: ~8% of a 125m decode step). Here the products of a block that read the same input
+// run as one parallel loop over chunks of output features that the threads take as they finish (dynamic schedule).
+// More rows than kMaxGemvRows reuse each weight often enough for a GEMM: those go to at::linear / at::addmm.
+constexpr int64_t kMaxGemvRows = 8;
+constexpr int64_t kGemvChunkBytes = 32768;  // weights per task: small enough that a thread rarely waits long
+
+template <typename T>
+struct Lanes;  // one 64-byte SIMD vector (GCC/clang vector extension; AVX-512 with -march=native, else split)
+template <>
+struct Lanes<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct Lanes<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+
+// One product: out[b, n] = x[b] . weight[n] (+ bias[n]) (+ residual[b, n]); weight [features, in] row-major, out and
+// residual [B, features].
+template <typename T>
+struct LinearTask {
+  const T* weight;
+  const T* bias;
+  const T* residual;
+  T* out;
+  int64_t features;
+};
+
+// Features [begin, end) of `task` for every row of x [B, in]: four weight rows at a time (read from memory once,
+// then from L1 for the other batch rows), dot products in vector lanes, then the lanes and the tail summed.
+template <typename T>
+void linear_features(const T* __restrict__ x, int64_t batch, int64_t in, const LinearTask<T>& task, int64_t begin,
+                     int64_t end) {
+  using V = typename Lanes<T>::type;
+  constexpr int64_t L = sizeof(V) / sizeof(T);
+  const int64_t vec_end = in - in % L;
+  for (int64_t n = begin; n < end; n += 4) {
+    const int64_t m = std::min<int64_t>(4, end - n);
+    const T* rows[4];
+    for (int64_t i = 0; i < 4; ++i) rows[i] = task.weight + (n + std::min(i, m - 1)) * in;  // (repeats unused)
+    for (int64_t b = 0; b < batch; ++b) {
+      const T* __restrict__ xb = x + b * in;
+      V acc[4] = {};
+      for (int64_t k = 0; k < vec_end; k += L) {
+        V xv;
+        std::memcpy(&xv, xb + k, sizeof(V));
+        for (int64_t i = 0; i < 4; ++i) {
+          V wv;
+          std::memcpy(&wv, rows[i] + k, sizeof(V));
+          acc[i] += wv * xv;
+        }
+      }
+      for (int64_t i = 0; i < m; ++i) {
+        T sum = 0;
+        for (int64_t j = 0; j < L; ++j) sum += acc[i][j];
+        for (int64_t k = vec_end; k < in; ++k) sum += rows[i][k] * xb[k];
+        if (task.bias) sum += task.bias[n + i];
+        if (task.residual) sum += task.residual[b * task.features + n + i];
+        task.out[b * task.features + n + i] = sum;
+      }
+    }
+  }
+}
+
+template <typename T>
+void run_linear_tasks(const T* x, int64_t batch, int64_t in, const std::vector<LinearTask<T>>& tasks) {
+  // (at the end of the loop for the other's last task, measured: 8 us vs 33 us with 96 KB tasks)
+  const int64_t features = std::max<int64_t>(4, kGemvChunkBytes / (in * static_cast<int64_t>(sizeof(T))) / 4 * 4);
+  std::vector<int64_t> first_chunk = {0};  // chunk c belongs to the task t with first_chunk[t] <= c < first_chunk[t+1]
+  for (const LinearTask<T>& task : tasks) first_chunk.push_back(first_chunk.back() + (task.features + features - 1) / features);
+  const int64_t chunks = first_chunk.back();
+  const int threads = static_cast<int>(at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), chunks));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t c = 0; c < chunks; ++c) {
+    size_t t = 0;
+    while (first_chunk[t + 1] <= c) ++t;
+    const int64_t begin = (c - first_chunk[t]) * features;
+    linear_features(x, batch, in, tasks[t], begin, std::min(begin + features, tasks[t].features));
+  }
+}
+
+// A projection of the block: weight [out, in] (nn.Linear's), optional bias [out] and residual [B, out] (undefined
+// tensors when absent).
+struct Linear {
+  at::Tensor weight, bias, residual;
+};
+
+// x [B, in] -> for each projection, [B, out] = x W^T (+ bias) (+ residual): one parallel loop for all of them when
+// there are few rows (see above), else at::linear / at::addmm each.
+std::vector<at::Tensor> linear_many(const at::Tensor& x_in, const std::vector<Linear>& linears) {
+  const at::Tensor x = x_in.contiguous();
+  const int64_t batch = x.size(0), in = x.size(1);
+  bool own = batch <= kMaxGemvRows && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
+  for (const Linear& l : linears) {
+    check(l.weight.dim() == 2 && l.weight.size(1) == in && l.weight.scalar_type() == x.scalar_type(),
+          "ttt_linear_decode_block: a projection weight must be [out, ", in, "] of the input's dtype");
+    own = own && l.weight.is_contiguous() && (!l.bias.defined() || l.bias.is_contiguous()) &&
+          (!l.residual.defined() || l.residual.is_contiguous());
+  }
+  std::vector<at::Tensor> outputs;
+  if (!own) {
+    for (const Linear& l : linears) {
+      outputs.push_back(l.residual.defined() ? at::addmm(l.residual, x, l.weight.t())
+                                             : at::linear(x, l.weight, l.bias.defined() ? c10::optional<at::Tensor>(l.bias)
+                                                                                        : c10::nullopt));
+    }
+    return outputs;
+  }
+  for (const Linear& l : linears) outputs.push_back(at::empty({batch, l.weight.size(0)}, x.options()));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_many", [&] {
+    std::vector<LinearTask<scalar_t>> tasks;
+    for (size_t i = 0; i < linears.size(); ++i) {
+      const Linear& l = linears[i];
+      tasks.push_back({l.weight.data_ptr<scalar_t>(), l.bias.defined() ? l.bias.data_ptr<scalar_t>() : nullptr,
+                       l.residual.defined() ? l.residual.data_ptr<scalar_t>() : nullptr,
+                       outputs[i].data_ptr<scalar_t>(), l.weight.size(0)});
+    }
+    run_linear_tasks(x.data_ptr<scalar_t>(), batch, in, tasks);
+  });
+  return outputs;
+}
+
 // A whole TTT block (TTTBlock.forward, TTT-Linear, SwiGLU with SiLU) for one token per row, projections included
-// (at::linear, i.e. the same BLAS calls as nn.Linear): [h + conv(rms(h))] -> h + o_proj(layer step) -> h + MLP.
+// (linear_many): [h + conv(rms(h))] -> h + o_proj(layer step) -> h + MLP.
 // `params` holds the block's parameters and buffers in the order of BlockParam, as the modules store them (the views
 // are taken here, so the caller passes tensors without launching any op); empty tensors stand for absent parts (no
 // pre-conv; a k projection instead of Q/K convs; no gate). Absent conv states are zeros (a fresh sequence). Returns
@@ -500,11 +627,6 @@ std::vector<at::Tensor> ttt_linear_decode_block(const at::Tensor& h_in, at::Tens
   check(params.size() == kNumBlockParams, "ttt_linear_decode_block: params must hold ", kNumBlockParams, " tensors");
   const int64_t batch = h_in.size(0), channels = h_in.size(2);
   const at::Tensor empty = at::empty({0}, h_in.options());
-  // h + x W^T as one BLAS call (the residual adds of the block), [B, 1, C] in and out
-  auto residual_linear = [&](const at::Tensor& h, const at::Tensor& x, const at::Tensor& weight) {
-    return at::addmm(h.view({batch, channels}), x.view({batch, x.size(-1)}), weight.t()).view({batch, 1, channels});
-  };
-
   at::Tensor h = h_in.contiguous(), pre_state = empty;
   if (params[kPreConvWeight].numel() > 0) {  // h + conv(rms(h)), the conv written straight into the sum's buffer
     at::Tensor y = at::empty({batch, 1, channels}, h.options());
@@ -516,20 +638,26 @@ std::vector<at::Tensor> ttt_linear_decode_block(const at::Tensor& h_in, at::Tens
   if (params[kConvQWeight].numel() > 0)
     qk_convs = {{params[kConvQWeight], params[kConvKWeight]}, {params[kConvQBias], params[kConvKBias]}};
   const int64_t heads = params[kLrWeight].size(0);
-  const at::Tensor x = rms_norm(h, params[kSeqNormWeight], rms_eps);
-  const at::Tensor& g_weight = params[kG];
+  // Q, [K], V, [gate], inner-lr logits: one pass over their weights (see linear_many); residual adds inside the
+  // o_proj and down_proj products.
+  const at::Tensor x = rms_norm(h, params[kSeqNormWeight], rms_eps).view({batch, channels});
+  const bool has_k = qk_convs.weights.empty(), has_gate = params[kG].numel() > 0;
+  std::vector<Linear> qkvg = {{params[kQ]}, {params[kV]}};
+  if (has_k) qkvg.push_back({params[kK]});
+  if (has_gate) qkvg.push_back({params[kG]});
+  qkvg.push_back({params[kLrWeight].view({heads, channels}), params[kLrBias].view({heads})});
+  std::vector<at::Tensor> p = linear_many(x, qkvg);
+  auto token = [&](const at::Tensor& t) { return t.view({batch, 1, t.size(1)}); };
   std::vector<at::Tensor> layer = layer_step(
-      at::linear(x, params[kQ]), qk_convs.weights.empty() ? at::linear(x, params[kK]) : empty,
-      at::linear(x, params[kV]), g_weight.numel() > 0 ? at::linear(x, g_weight) : empty,
-      at::linear(x, params[kLrWeight].view({heads, channels}), params[kLrBias].view({heads})), qk_conv_state,
-      qk_convs, params[kRope], params[kTokenIdx], params[kLearnableTokenIdx], params[kTTTNormWeight],
-      params[kTTTNormBias], params[kPostNormWeight], params[kPostNormBias], w, b, g_w, g_b, seen, lr_scale, eps,
-      post_eps);
-  h = residual_linear(h, layer[0], params[kO]);
-  const at::Tensor y = rms_norm(h, params[kFfnNormWeight], rms_eps);
-  at::Tensor gate = at::linear(y, params[kGate]);  // SwiGLU: silu(gate) * up, in place
-  at::silu_(gate).mul_(at::linear(y, params[kUp]));
-  h = residual_linear(h, gate, params[kDown]);
+      token(p[0]), has_k ? token(p[2]) : empty, token(p[1]), has_gate ? token(p[2 + has_k]) : empty,
+      token(p.back()), qk_conv_state, qk_convs, params[kRope], params[kTokenIdx], params[kLearnableTokenIdx],
+      params[kTTTNormWeight], params[kTTTNormBias], params[kPostNormWeight], params[kPostNormBias], w, b, g_w, g_b,
+      seen, lr_scale, eps, post_eps);
+  h = linear_many(layer[0].view({batch, channels}), {{params[kO], {}, h.view({batch, channels})}})[0];
+  std::vector<at::Tensor> gate_up =
+      linear_many(rms_norm(h, params[kFfnNormWeight], rms_eps), {{params[kGate]}, {params[kUp]}});
+  at::silu_(gate_up[0]).mul_(gate_up[1]);  // SwiGLU: silu(gate) * up, in place
+  h = linear_many(gate_up[0], {{params[kDown], {}, h}})[0].view({batch, 1, channels});
   std::vector<at::Tensor> result = {h, pre_state, layer[1], layer[2], layer[3]};
   for (size_t i = 4; i < layer.size(); ++i) result.push_back(layer[i]);
   return result;
