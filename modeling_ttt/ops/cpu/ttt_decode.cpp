@@ -481,10 +481,11 @@ std::vector<at::Tensor> ttt_linear_decode_layer(
 // product bound by memory bandwidth. at::linear (MKL) splits each product statically between the threads and
 // returns through the dispatcher after each one; a thread that the (shared) machine slows then holds up the other at
 // every product's end (measured: ~8% of a 125m decode step). Here the products of a block that read the same input
-// run as one parallel loop over chunks of output features that the threads take as they finish (dynamic schedule).
+// run as one parallel loop over chunks of output features that the threads take as they finish (guided schedule:
+// large runs of chunks first, single chunks at the end, so few atomic grabs and a short wait for the last one).
 // More rows than kMaxGemvRows reuse each weight often enough for a GEMM: those go to at::linear / at::addmm.
 constexpr int64_t kMaxGemvRows = 8;
-constexpr int64_t kGemvChunkBytes = 32768;  // weights per task: small enough that a thread rarely waits long
+constexpr int64_t kGemvChunkBytes = 32768;  // weights per chunk (the smallest run a thread takes)
 
 template <typename T>
 struct Lanes;  // one 64-byte SIMD vector (GCC/clang vector extension; AVX-512 with -march=native, else split)
@@ -546,13 +547,14 @@ void linear_features(const T* __restrict__ x, int64_t batch, int64_t in, const L
 
 template <typename T>
 void run_linear_tasks(const T* x, int64_t batch, int64_t in, const std::vector<LinearTask<T>>& tasks) {
-  // (at the end of the loop for the other's last task, measured: 8 us vs 33 us with 96 KB tasks)
   const int64_t features = std::max<int64_t>(4, kGemvChunkBytes / (in * static_cast<int64_t>(sizeof(T))) / 4 * 4);
   std::vector<int64_t> first_chunk = {0};  // chunk c belongs to the task t with first_chunk[t] <= c < first_chunk[t+1]
-  for (const LinearTask<T>& task : tasks) first_chunk.push_back(first_chunk.back() + (task.features + features - 1) / features);
+  for (const LinearTask<T>& task : tasks)
+    first_chunk.push_back(first_chunk.back() + (task.features + features - 1) / features);
   const int64_t chunks = first_chunk.back();
-  const int threads = static_cast<int>(at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), chunks));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  const int threads =
+      static_cast<int>(at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), chunks));
+#pragma omp parallel for schedule(guided, 1) num_threads(threads)
   for (int64_t c = 0; c < chunks; ++c) {
     size_t t = 0;
     while (first_chunk[t + 1] <= c) ++t;
