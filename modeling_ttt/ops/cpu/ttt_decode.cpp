@@ -584,9 +584,8 @@ std::vector<at::Tensor> linear_many(const at::Tensor& x_in, const std::vector<Li
   std::vector<at::Tensor> outputs;
   if (!own) {
     for (const Linear& l : linears) {
-      outputs.push_back(l.residual.defined() ? at::addmm(l.residual, x, l.weight.t())
-                                             : at::linear(x, l.weight, l.bias.defined() ? c10::optional<at::Tensor>(l.bias)
-                                                                                        : c10::nullopt));
+      const c10::optional<at::Tensor> bias = l.bias.defined() ? c10::optional<at::Tensor>(l.bias) : c10::nullopt;
+      outputs.push_back(l.residual.defined() ? at::addmm(l.residual, x, l.weight.t()) : at::linear(x, l.weight, bias));
     }
     return outputs;
   }
