@@ -178,7 +178,9 @@ class FusedDecodePlan:
             return None  # the kernel takes one set of constants and conv layout for all blocks
         checks = [(model._modules, "layers", model.layers)]
         for module in model.layers.modules():
-            checks += [(module.__dict__, name, module.__dict__.get(name)) for name in cls._ATTRIBUTES]
+            # (an attribute absent at build time is one the kernel does not read there; `forward` may be added)
+            checks += [(module.__dict__, name, module.__dict__.get(name)) for name in cls._ATTRIBUTES
+                       if name == "forward" or name in module.__dict__]
             for members in (module._modules, module._parameters, module._buffers):
                 checks += [(members, name, member) for name, member in members.items()]
         return cls(params, checks, hidden_states.dtype, model.layers[0])
