@@ -5,7 +5,9 @@
   TTT-MLP has no kernel (`ttt_mlp` is the reference's).
 * `torch.ops.modeling_ttt_cpu.ttt_linear_decode_blocks`: consecutive TTT-Linear blocks' one-token step,
   projections included — every block in one call (`TTTModel.fused_decode_plan`, taken when all blocks are the plain
-  modules without hooks), or one block (`TTTBlock.fused_decode_step`, when the plan cannot run);
+  modules without hooks), or one block (`TTTBlock.fused_decode_step`, when the plan cannot run). For up to 8 rows
+  its projections are its own matrix-vector loops, one parallel loop per group of products that share an input
+  (BLAS above 8 rows, where a GEMM reuses each weight);
   `ttt_linear_decode_layer`: the layer step between its projections
   (`TTTLinear.fused_decode_step`, e.g. with PEFT adapters on the projections); `rms_norm` and `conv_step` for the
   RMSNorms and causal convs.
