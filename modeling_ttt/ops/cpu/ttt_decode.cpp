@@ -429,26 +429,22 @@ std::vector<at::Tensor> layer_step(
                                                      v.contiguous().view(per_head), lr, scale, ln_weight, ln_bias, w,
                                                      b, g_w, g_b, seen, eps);
 
-  // post_norm (LayerNorm over C), then the gate gelu_tanh(g) * ; result[0] becomes the layer's output.
+  // post_norm (LayerNorm over C), then the gate gelu_tanh(g) * (torch's vectorized GELU, what the module calls:
+  // scalar std::tanh per channel cost more than the norm); result[0] becomes the layer's output.
   at::Tensor out = at::empty(q.sizes(), q.options());
   const at::Tensor inner_out = result[0], pw_c = post_weight.contiguous(), pb_c = post_bias.contiguous(),
-                   g_c = g.contiguous();
+                   g_c = has_gate ? at::gelu(g.contiguous(), "tanh") : g;
   AT_DISPATCH_FLOATING_TYPES(dtype, "ttt_linear_decode_layer_post", [&] {
     using T = scalar_t;
     const T *io = inner_out.data_ptr<T>(), *pw = pw_c.data_ptr<T>(), *pb = pb_c.data_ptr<T>();
     const T* pg = has_gate ? g_c.data_ptr<T>() : nullptr;
     T* po = out.data_ptr<T>();
-    const T sqrt_2_over_pi = static_cast<T>(0.7978845608028654);  // sqrt(2 / pi), as in tanh-GELU
     for (int64_t i = 0; i < batch; ++i) {
       double mean, rstd;
       mean_rstd(io + i * channels, channels, post_eps, mean, rstd);
       for (int64_t c = 0; c < channels; ++c) {
-        T y = static_cast<T>((io[i * channels + c] - mean) * rstd) * pw[c] + pb[c];
-        if (has_gate) {
-          const T x = pg[i * channels + c];
-          y *= static_cast<T>(0.5) * x * (T(1) + std::tanh(sqrt_2_over_pi * (x + T(0.044715) * x * x * x)));
-        }
-        po[i * channels + c] = y;
+        const T y = static_cast<T>((io[i * channels + c] - mean) * rstd) * pw[c] + pb[c];
+        po[i * channels + c] = has_gate ? pg[i * channels + c] * y : y;
       }
     }
   });
