@@ -270,14 +270,13 @@ void conv_rows(int64_t batch, int64_t channels, int64_t width, const T* x, const
   for (int64_t i = 0; i < batch; ++i) {
     const T* s_i = state + i * (width - 1) * channels;
     const T* x_i = x + i * channels;
-    for (size_t n = 0; n < kernels.size(); ++n) {
-      T* y_i = ys[n] + i * y_stride;
-      for (int64_t c = 0; c < channels; ++c) {
-        const T* k = kernels[n] + c * width;
-        T acc = biases[n][c];
-        for (int64_t t = 0; t < width - 1; ++t) acc += s_i[t * channels + c] * k[t];
-        y_i[c] = acc + x_i[c] * k[width - 1];
-      }
+    for (size_t n = 0; n < kernels.size(); ++n) {  // tap by tap over all channels (vectorizes over channels)
+      T* __restrict__ y_i = ys[n] + i * y_stride;
+      const T* __restrict__ k = kernels[n];
+      std::copy(biases[n], biases[n] + channels, y_i);
+      for (int64_t t = 0; t < width - 1; ++t)
+        for (int64_t c = 0; c < channels; ++c) y_i[c] += s_i[t * channels + c] * k[c * width + t];
+      for (int64_t c = 0; c < channels; ++c) y_i[c] += x_i[c] * k[c * width + width - 1];
     }
     T* n_i = new_state + i * (width - 1) * channels;
     if (width > 2) std::copy(s_i + channels, s_i + (width - 1) * channels, n_i);
