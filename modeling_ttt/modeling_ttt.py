@@ -61,8 +61,8 @@ class TTTBlock(GradientCheckpointingLayer):
         if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
             return None
         modules = self._modules
-        layer, mlp, seq_norm, ffn_norm = modules["seq_modeling_block"], modules["mlp"], modules["seq_norm"], modules[
-            "ffn_norm"]
+        layer, mlp = modules["seq_modeling_block"], modules["mlp"]
+        seq_norm, ffn_norm = modules["seq_norm"], modules["ffn_norm"]
         if not (_plain(self, TTTBlock) and _plain(layer, TTTLinear) and _plain(mlp, SwiGLUMLP)
                 and _plain(seq_norm, RMSNorm) and _plain(ffn_norm, RMSNorm)
                 and seq_norm.variance_epsilon == ffn_norm.variance_epsilon):
