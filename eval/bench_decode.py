@@ -10,7 +10,7 @@ What is measured, per (context, batch):
   state has a fixed size, so the decode cost depends on the batch and the model, not on how the state was built;
   `--prefill-per-batch` prefills every row separately instead (slow on CPU);
 * `--new-tokens` greedy decode steps after `--warmup` untimed ones: one forward of one token per row
-  (`logits_to_keep=1`), argmax, feed back; `--use-generate` times `model.generate(..., past_key_values=cache)`
+  (`logits_to_keep=1`), argmax, feed back; `--use-generate` times `model.generate(..., cache=cache)`
   instead (adds generate's own per-step overhead);
 * decode tokens/s = B · steps / time (median step), ms per step, process CPU ms per step (with one thread: the
   step's time on a dedicated core, a useful figure when other processes load the machine), peak memory during
@@ -94,7 +94,7 @@ def prefill(model, cache: TTTCache, input_ids: torch.Tensor, chunk: int) -> torc
     """Feed `input_ids` through the cache in chunks; returns the last position's logits."""
     logits = None
     for start in range(0, input_ids.shape[1], chunk):
-        logits = model(input_ids[:, start : start + chunk], past_key_values=cache, logits_to_keep=1).logits
+        logits = model(input_ids[:, start : start + chunk], cache=cache, logits_to_keep=1).logits
     return logits[:, -1]
 
 
@@ -106,7 +106,7 @@ def time_decode(model, cache: TTTCache, first_token: torch.Tensor, steps: int, w
     for step in range(warmup + steps):
         synchronize(device)
         start, cpu_start = time.perf_counter(), time.process_time()
-        logits = model(token, past_key_values=cache, logits_to_keep=1).logits
+        logits = model(token, cache=cache, logits_to_keep=1).logits
         token = logits[:, -1].argmax(dim=-1, keepdim=True)
         synchronize(device)
         if step >= warmup:
@@ -119,11 +119,11 @@ def time_decode(model, cache: TTTCache, first_token: torch.Tensor, steps: int, w
 def time_generate(model, cache: TTTCache, history: torch.Tensor, steps: int, warmup: int, device):
     """Wall-clock and CPU seconds per new token of `model.generate` continuing from `cache`."""
     if warmup:
-        model.generate(history, attention_mask=torch.ones_like(history), past_key_values=copy.deepcopy(cache),
+        model.generate(history, attention_mask=torch.ones_like(history), cache=copy.deepcopy(cache),
                        max_new_tokens=warmup, min_new_tokens=warmup, do_sample=False, pad_token_id=0)
     synchronize(device)
     start, cpu_start = time.perf_counter(), time.process_time()
-    model.generate(history, attention_mask=torch.ones_like(history), past_key_values=cache,
+    model.generate(history, attention_mask=torch.ones_like(history), cache=cache,
                    max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False, pad_token_id=0)
     synchronize(device)
     # steps + 1 new tokens: the first comes from the (one-token) prefill of the last history token

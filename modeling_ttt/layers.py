@@ -124,7 +124,10 @@ def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     `(x_2j, x_2j+1) ↦ (x_2j·c_j − x_2j+1·s_j, x_2j+1·c_j + x_2j·s_j)`.
 
     x: `[..., d]`; rotation: `[..., d/2, 2]` holding `(c_j, s_j) = (cos θ_j, sin θ_j)`, broadcast against `x`'s
-    leading axes. In float32/float64 this is one complex product per pair, `(x_2j + i·x_2j+1)·e^{iθ_j}`."""
+    leading axes. In float32/float64 this is one complex product per pair, `(x_2j + i·x_2j+1)·e^{iθ_j}`; 16-bit
+    inputs are rotated in float32 and rounded once (as the JAX code does)."""
+    if x.dtype not in (torch.float32, torch.float64):
+        return apply_rotary(x.float(), rotation.float()).to(x.dtype)
     pairs = x.unflatten(-1, (-1, 2))
     if rotation.dtype != x.dtype:
         rotation = rotation.to(x.dtype)
@@ -190,6 +193,15 @@ class TTTLayerBase(nn.Module):
             "token_idx": 1.0 / torch.arange(1, mini_batch_size + 1, dtype=torch.float32),
             "rope_rotation": torch.stack((angles.cos(), angles.sin()), dim=-1),  # [M, d/2, 2]
         }
+
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.half()`, `.cuda()`...: the fixed tables stay at least float32 (a 16-bit model still uses the
+        exact token scales and RoPE angles, as the JAX code's float32 constants are)."""
+        super()._apply(fn, recurse)
+        if any(buffer.dtype not in (torch.float32, torch.float64) for buffer in self._buffers.values()):
+            for name, value in self.compute_buffers().items():
+                self._buffers[name] = value.to(self._buffers[name].device)
+        return self
 
     # -- pieces ------------------------------------------------------------------------------------------------
 

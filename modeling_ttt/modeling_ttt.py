@@ -14,6 +14,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import can_return_tuple, logging
 
 from .cache import TTTCache
+from .compat import CACHE_NAME, cache_of, output_fields, resolve_cache
 from .configuration_ttt import TTTConfig
 from .layers import TTT_LAYER_CLASSES, RMSNorm, SwiGLUMLP, TTTConvBlock, TTTLayerBase, TTTLinear
 from .ops import InnerState, cpp_kernels_apply
@@ -36,17 +37,17 @@ class TTTBlock(GradientCheckpointingLayer):
         self.ffn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, config=config)
         self.mlp = SwiGLUMLP(config)
 
-    def forward(self, hidden_states: torch.Tensor, num_tokens: torch.Tensor | None = None, past_key_values=None):
-        """`past_key_values` here is this block's `TTTCacheLayer` (read, then overwritten with the new state)."""
-        if (hidden_states.shape[1] == 1 and num_tokens is None and past_key_values is not None
-                and past_key_values.inner_state is not None):
+    def forward(self, hidden_states: torch.Tensor, num_tokens: torch.Tensor | None = None, layer_state=None):
+        """`layer_state` is this block's `TTTCacheLayer` (read, then overwritten with the new state), or None."""
+        if (hidden_states.shape[1] == 1 and num_tokens is None and layer_state is not None
+                and layer_state.inner_state is not None):
             arguments = self.fused_decode_arguments(hidden_states)
             if arguments is not None:
-                return self.fused_decode_step(hidden_states, past_key_values, arguments)
+                return self.fused_decode_step(hidden_states, layer_state, arguments)
         if self.pre_conv:
-            hidden_states = hidden_states + self.conv(hidden_states, past_key_values, num_tokens)
+            hidden_states = hidden_states + self.conv(hidden_states, layer_state, num_tokens)
         residual = hidden_states
-        hidden_states = self.seq_modeling_block(self.seq_norm(hidden_states), past_key_values, num_tokens)
+        hidden_states = self.seq_modeling_block(self.seq_norm(hidden_states), layer_state, num_tokens)
         hidden_states = residual + hidden_states
         return hidden_states + self.mlp(self.ffn_norm(hidden_states))
 
@@ -283,10 +284,11 @@ class TTTModel(TTTPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: TTTCache | None = None,
+        cache: TTTCache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        past_key_values: TTTCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         r"""
@@ -297,65 +299,69 @@ class TTTModel(TTTPreTrainedModel):
             Accepted for compatibility and checked: a TTT layer's RoPE position is the token's index inside its
             inner mini-batch, which follows from the cache's token counter, so these must agree with it (modulo
             `mini_batch_size`) at real tokens, or a `ValueError` is raised.
+        cache (`TTTCache`, *optional*):
+            Recurrent state to continue from; updated in place and returned when `use_cache` (as `output.cache`
+            on transformers >= 5.24, `output.past_key_values` before).
         past_key_values (`TTTCache`, *optional*):
-            Recurrent state to continue from; updated in place and returned when `use_cache`.
+            The older name of `cache`, accepted on every release (passing both, as different objects, raises).
         """
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         use_cache = use_cache if use_cache is not None else self.config.use_cache
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        cache = resolve_cache(cache, past_key_values)
+        from_generate = kwargs.get("from_generate", False)
+        _check_inputs(input_ids, inputs_embeds, from_generate)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch, seq_len = inputs_embeds.shape[:2]
 
-        if past_key_values is not None and not isinstance(past_key_values, TTTCache):
+        if cache is not None and not isinstance(cache, TTTCache):
             raise ValueError(
-                f"past_key_values must be a TTTCache (the recurrent state of a TTT model), got "
-                f"{type(past_key_values).__name__}."
+                f"cache must be a TTTCache (the recurrent state of a TTT model), got {type(cache).__name__}."
             )
         if self.training and use_cache and self.is_activation_checkpointing:  # (the property walks all modules)
             logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; using use_cache=False.")
             use_cache = False
-        if use_cache and past_key_values is None:
-            past_key_values = TTTCache(self.config)
-        if past_key_values is not None:
-            past_key_values.check_compatible(self.config, batch)
-            seen = past_key_values.seen_tokens()
+        if use_cache and cache is None:
+            cache = TTTCache(self.config)
+        if cache is not None:
+            cache.check_compatible(self.config, batch)
+            seen = cache.seen_tokens()
         else:
             seen = None
 
         # Padding: move each row's real tokens to the front (right padding), run, and move them back.
-        attention_mask = _current_mask(attention_mask, seen, batch, seq_len)
+        attention_mask = _current_mask(attention_mask, seen, batch, seq_len, from_generate)
         order, num_tokens = _compaction(attention_mask, batch, seq_len, inputs_embeds.device)
         if position_ids is not None:
-            _check_position_ids(position_ids, attention_mask, seen, batch, seq_len, self.config.mini_batch_size)
+            _check_position_ids(position_ids, attention_mask, seen, batch, seq_len, self.config.mini_batch_size,
+                                from_generate)
         hidden_states = inputs_embeds if order is None else _gather_rows(inputs_embeds, order)
 
         all_hidden_states = () if output_hidden_states else None
         plan = None
-        if seq_len == 1 and order is None and not output_hidden_states and past_key_values is not None:
-            plan = self.fused_decode_plan(hidden_states, past_key_values)
+        if seq_len == 1 and order is None and not output_hidden_states and cache is not None:
+            plan = self.fused_decode_plan(hidden_states, cache)
         if plan is not None:
-            hidden_states = plan.step(hidden_states, past_key_values)
+            hidden_states = plan.step(hidden_states, cache)
         for i, block in enumerate(self.layers if plan is None else ()):
             if output_hidden_states:
                 all_hidden_states += (_scatter_rows(hidden_states, order, num_tokens),)
-            layer_cache = past_key_values.layers[i] if past_key_values is not None else None
-            hidden_states = block(hidden_states, num_tokens=num_tokens, past_key_values=layer_cache)
+            layer_state = cache.layers[i] if cache is not None else None
+            hidden_states = block(hidden_states, num_tokens=num_tokens, layer_state=layer_state)
 
         hidden_states = _scatter_rows(self.norm(hidden_states), order, num_tokens)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
-        if past_key_values is not None:
-            past_key_values.num_rows = batch
-            past_key_values.num_positions += seq_len
+        if cache is not None:
+            cache.num_rows = batch
+            cache.num_positions += seq_len
 
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden_states,
+            **output_fields(cache if use_cache else None),
         )
 
 
@@ -394,17 +400,24 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
                                       max_cache_length):
         """generate(): build an empty TTTCache (filled for the expanded batch at the first forward) unless the
         caller passed one to continue from."""
-        user_cache = model_kwargs.get("past_key_values")
+        # a cache passed to generate() under either name is kept under the installed release's name
+        user_cache = resolve_cache(model_kwargs.pop("cache", None), model_kwargs.pop("past_key_values", None))
         if user_cache is not None:
+            model_kwargs[CACHE_NAME] = user_cache
             if not isinstance(user_cache, TTTCache):
-                raise ValueError(
-                    f"past_key_values must be a TTTCache, got {type(user_cache).__name__}."
-                )
+                raise ValueError(f"{CACHE_NAME} must be a TTTCache, got {type(user_cache).__name__}.")
             user_cache._is_user_defined = True
             return
         if generation_config.use_cache is False:
             return
-        model_kwargs["past_key_values"] = TTTCache(self.config)
+        model_kwargs[CACHE_NAME] = TTTCache(self.config)
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        """generate()'s own preparation, marked as coming from generate so that a position-ids or mask mismatch
+        is reported as what it is there (a cache that did not see the prompt), not as a bad argument."""
+        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        model_inputs["from_generate"] = True
+        return model_inputs
 
     @can_return_tuple
     def forward(
@@ -412,12 +425,13 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: TTTCache | None = None,
+        cache: TTTCache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: TTTCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -425,15 +439,17 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
             Next-token labels (shifted inside the loss); -100 is ignored.
         logits_to_keep (`int` or `torch.Tensor`, *optional*):
             Compute logits for the last `logits_to_keep` positions only (0: all), or for the given indices.
+        cache, past_key_values: see [`TTTModel.forward`] (one argument under its new and its old name).
         """
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=resolve_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            from_generate=kwargs.pop("from_generate", False),
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)
@@ -443,8 +459,8 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            **output_fields(cache_of(outputs)),
         )
 
 
@@ -453,7 +469,29 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _current_mask(attention_mask, seen, batch, seq_len):
+def _check_inputs(input_ids, inputs_embeds, from_generate: bool) -> None:
+    """Exactly one of `input_ids` (`[B, T]` integer ids) and `inputs_embeds` (`[B, T, C]` floats), `T >= 1`."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+    if input_ids is not None:
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype} (ids would be "
+                             "truncated); convert with `.long()` if the values are whole numbers.")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be 2-D (batch, seq_len), got shape {tuple(input_ids.shape)}"
+                             + (": add the batch axis with `input_ids.unsqueeze(0)`." if input_ids.dim() == 1 else "."))
+        tokens = input_ids.shape[1]
+    else:
+        if inputs_embeds.dim() != 3 or not inputs_embeds.dtype.is_floating_point:
+            raise ValueError(f"inputs_embeds must be a 3-D float tensor (batch, seq_len, hidden_size), got shape "
+                             f"{tuple(inputs_embeds.shape)} and dtype {inputs_embeds.dtype}.")
+        tokens = inputs_embeds.shape[1]
+    if tokens == 0:
+        raise ValueError("The input holds no tokens (seq_len 0)" + (
+            ": generate() needs a prompt of at least one token (e.g. the BOS token)." if from_generate else "."))
+
+
+def _current_mask(attention_mask, seen, batch, seq_len, from_generate: bool = False):
     """generate() passes the mask of the whole sequence so far, `(B, past + T)`: keep the last `T` columns,
     after checking that the past columns agree with what the cache has seen."""
     if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[-1] <= seq_len:
@@ -464,11 +502,18 @@ def _current_mask(attention_mask, seen, batch, seq_len):
     seen_by_mask = (past != 0).sum(dim=1)
     expected = seen if seen is not None else torch.zeros_like(seen_by_mask)
     if not torch.equal(seen_by_mask.to(expected.device), expected):
+        covers = (f"{attention_mask.shape[-1]} columns for {seq_len} new tokens, so it covers "
+                  f"{attention_mask.shape[-1] - seq_len} past positions holding {seen_by_mask.tolist()} real tokens "
+                  f"per row, but the cache has seen {expected.tolist()} tokens per row")
+        if from_generate:
+            raise ValueError(
+                f"generate() passed the attention mask of the whole sequence so far: {covers}. The cache given to "
+                "generate() is not the one that saw the beginning of these inputs: continue with the cache returned "
+                "for exactly that prefix, or pass no cache and the whole text."
+            )
         raise ValueError(
-            f"attention_mask has {attention_mask.shape[-1]} columns for {seq_len} new tokens, so it covers "
-            f"{attention_mask.shape[-1] - seq_len} past positions holding {seen_by_mask.tolist()} real tokens per row, "
-            f"but the cache has seen {expected.tolist()} tokens per row. Pass a mask of shape (batch, {seq_len}) or "
-            "one that covers exactly the tokens the cache has seen."
+            f"The attention_mask you passed has {covers}. Pass a mask of shape (batch, {seq_len}) or one that covers "
+            "exactly the tokens the cache has seen."
         )
     return attention_mask[:, -seq_len:]
 
@@ -508,7 +553,7 @@ def _scatter_rows(x: torch.Tensor, order: torch.Tensor | None, num_tokens: torch
     return torch.zeros_like(x).scatter(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
 
 
-def _check_position_ids(position_ids, attention_mask, seen, batch, seq_len, mini_batch_size):
+def _check_position_ids(position_ids, attention_mask, seen, batch, seq_len, mini_batch_size, from_generate=False):
     if position_ids.dim() == 1:
         position_ids = position_ids.unsqueeze(0)
     if position_ids.dim() != 2 or position_ids.shape[-1] != seq_len or position_ids.shape[0] not in (1, batch):
@@ -526,11 +571,19 @@ def _check_position_ids(position_ids, attention_mask, seen, batch, seq_len, mini
     mismatch = ((position_ids - expected) % mini_batch_size != 0) & real
     if bool(mismatch.any()):
         row, col = (int(v) for v in mismatch.nonzero()[0])
+        where = (f"row {row}, position {col} has position id {int(position_ids.expand(batch, -1)[row, col])}, but "
+                 f"the cache has seen {int(start[row])} tokens of that row, so it is token {int(expected[row, col])}"
+                 f" of its sequence (TTT compares positions mod mini_batch_size = {mini_batch_size})")
+        if from_generate:
+            raise ValueError(
+                f"generate() counted more (or fewer) tokens before these than the cache has seen: {where}. generate() "
+                "builds position_ids from the whole input and its attention mask, so the cache given to generate() "
+                "is not the one that saw the beginning of the input: continue with the cache returned for exactly "
+                "that prefix, or pass no cache and the whole text."
+            )
         raise ValueError(
-            f"position_ids disagree with the tokens this model has seen: row {row}, position {col} has position id "
-            f"{int(position_ids.expand(batch, -1)[row, col])} but is token {int(expected[row, col])} of its sequence "
-            f"(TTT uses position mod mini_batch_size = {mini_batch_size}). Continue with the cache that saw the "
-            "prefix, or omit position_ids."
+            f"The position_ids you passed disagree with the tokens this model has seen: {where}. Pass position_ids "
+            "that continue the cache's count (or none: a TTT model takes positions from its cache)."
         )
 
 

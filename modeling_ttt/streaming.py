@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import TTTCache
+from .compat import resolve_cache
 
 try:
     from tqdm.auto import tqdm
@@ -125,6 +126,8 @@ def score_stream(
     logits_chunk_size: int = 512,
     progress: bool = True,
     callback: Callable[[int, TTTCache], None] | None = None,
+    cache: TTTCache | None = None,
+    past_key_values: TTTCache | None = None,
 ) -> StreamScore:
     """Score a long token sequence chunk by chunk, carrying the recurrent cache.
 
@@ -139,6 +142,8 @@ def score_stream(
         logits_chunk_size: positions whose logits are materialised at once (bounds the `[B, ·, vocab]` buffer).
         progress: show a tqdm progress bar (tokens).
         callback: called as `callback(tokens_done, cache)` after each chunk (e.g. to record memory).
+        cache: a `TTTCache` to continue from (e.g. one that has read a prefix that is not scored); it is updated
+            in place. `None` starts a fresh one. `past_key_values` is its older name (pass one of the two).
 
     Returns:
         A [`StreamScore`]: total / mean NLL, perplexity, token count, optional per-token NLLs and buckets.
@@ -146,7 +151,12 @@ def score_stream(
     if chunk_size < 1 or logits_chunk_size < 1:
         raise ValueError(f"chunk_size and logits_chunk_size must be >= 1, got {chunk_size}, {logits_chunk_size}.")
     device = model.lm_head.weight.device
-    input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+    input_ids = torch.as_tensor(input_ids)
+    if not (input_ids.dtype == torch.bool or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex):
+        input_ids = input_ids.long()
+    else:
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype} (ids would be "
+                         "truncated); convert with `.long()` if the values are whole numbers.")
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
     if input_ids.dim() != 2:
@@ -159,7 +169,11 @@ def score_stream(
     token_nll = torch.empty(batch, max(length - 1, 0), dtype=torch.float32) if return_token_nll else None
     total_nll = torch.zeros((), dtype=torch.float64)
 
-    cache = TTTCache(model.config)
+    cache = resolve_cache(cache, past_key_values)
+    if cache is None:
+        cache = TTTCache(model.config)
+    elif not isinstance(cache, TTTCache):
+        raise ValueError(f"cache must be a TTTCache, got {type(cache).__name__}.")
     bar = None
     if tqdm is not None:
         bar = tqdm(total=batch * length, unit="tok", unit_scale=True, desc="scoring", disable=not progress)
@@ -167,7 +181,7 @@ def score_stream(
     for start in range(0, length, chunk_size):
         stop = min(start + chunk_size, length)
         chunk = input_ids[:, start:stop].to(device)
-        hidden = model.model(input_ids=chunk, past_key_values=cache, use_cache=True).last_hidden_state
+        hidden = model.model(input_ids=chunk, cache=cache, use_cache=True).last_hidden_state
         # Position start+i predicts token start+i+1; the stream's last position predicts nothing.
         num_scored = min(stop, length - 1) - start
         for offset in range(0, num_scored, logits_chunk_size):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import tiny_config, tiny_model
+from modeling_ttt.compat import cache_of
 from modeling_ttt import TTTCache
 
 TOL = 1e-5
@@ -48,8 +49,8 @@ def run_in_pieces(model, ids, sizes, attention_mask=None):
         for size in sizes:
             stop = min(start + size, ids.shape[1])
             mask = None if attention_mask is None else attention_mask[:, start:stop]
-            out = model(ids[:, start:stop], attention_mask=mask, past_key_values=cache, use_cache=True)
-            assert out.past_key_values is cache
+            out = model(ids[:, start:stop], attention_mask=mask, cache=cache, use_cache=True)
+            assert cache_of(out) is cache
             logits.append(out.logits)
             start = stop
     assert start == ids.shape[1]
@@ -59,7 +60,7 @@ def run_in_pieces(model, ids, sizes, attention_mask=None):
 def full_run(model, ids, attention_mask=None):
     with torch.no_grad():
         out = model(ids, attention_mask=attention_mask, use_cache=True)
-    return out.logits, out.past_key_values
+    return out.logits, cache_of(out)
 
 
 def random_partition(length, max_chunk, gen):
@@ -149,9 +150,9 @@ def test_padding_never_changes_a_rows_state(variant):
     more = random_ids(4, 11, seed=4)
     cache = TTTCache(model.config)
     with torch.no_grad():
-        first = model(ids, attention_mask=mask, past_key_values=cache).logits
+        first = model(ids, attention_mask=mask, cache=cache).logits
         batched_state = {k: v.clone() for k, v in state_tensors(cache).items()}
-        second = model(more, past_key_values=cache).logits  # continues each row from its own position
+        second = model(more, cache=cache).logits  # continues each row from its own position
     assert cache.seen_tokens().tolist() == [15 + 11, 12 + 11, 15 + 11, 20 + 11]
     assert cache.get_seq_length() == 20 + 11  # positions, padding included (what generate() slices by)
     for row in range(4):
@@ -159,9 +160,9 @@ def test_padding_never_changes_a_rows_state(variant):
         alone_ids = ids[row : row + 1, real]
         alone_cache = TTTCache(model.config)
         with torch.no_grad():
-            alone_first = model(alone_ids, past_key_values=alone_cache).logits
+            alone_first = model(alone_ids, cache=alone_cache).logits
             alone_state = {k: v.clone() for k, v in state_tensors(alone_cache).items()}
-            alone_second = model(more[row : row + 1], past_key_values=alone_cache).logits
+            alone_second = model(more[row : row + 1], cache=alone_cache).logits
         assert (first[row, real] - alone_first[0]).abs().max().item() <= TOL
         assert torch.all(first[row, ~real] == 0)
         assert_states_close({k: v[row : row + 1] for k, v in batched_state.items()}, alone_state)
@@ -174,10 +175,10 @@ def test_all_padding_chunk_changes_nothing(variant):
     ids = random_ids(2, 13, seed=5)
     cache = TTTCache(model.config)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, cache=cache)
         before = {k: v.clone() for k, v in state_tensors(cache).items()}
         mask = torch.tensor([[0, 0, 0], [0, 1, 0]])
-        model(random_ids(2, 3, seed=6), attention_mask=mask, past_key_values=cache)
+        model(random_ids(2, 3, seed=6), attention_mask=mask, cache=cache)
     after = state_tensors(cache)
     assert_states_close({k: v[:1] for k, v in after.items()}, {k: v[:1] for k, v in before.items()}, atol=0)
     assert cache.seen_tokens().tolist() == [13, 14]
@@ -193,7 +194,7 @@ def filled():
     ids = random_ids(3, 11, seed=8)
     cache = TTTCache(model.config)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, cache=cache)
     return model, ids, cache
 
 
@@ -217,7 +218,7 @@ def test_batch_select_indices_keeps_rows_and_continues_like_those_rows(filled):
         assert torch.equal(tensor, before[name][1:3]), name
     more = random_ids(2, 6, seed=9)
     with torch.no_grad():
-        selected = model(more, past_key_values=cache).logits
+        selected = model(more, cache=cache).logits
         reference = model(torch.cat([ids[1:], more], dim=1)).logits[:, -6:]
     assert (selected - reference).abs().max().item() <= TOL
 
@@ -237,7 +238,7 @@ def test_reset_empties_and_reuse_equals_fresh(filled):
     assert not cache.is_initialized and cache.get_seq_length() == 0 and cache.nbytes() == 0
     assert cache.batch_size is None
     with torch.no_grad():
-        reused = model(ids[:1], past_key_values=cache).logits  # another batch size is fine after a reset
+        reused = model(ids[:1], cache=cache).logits  # another batch size is fine after a reset
         fresh = model(ids[:1]).logits
     assert torch.equal(reused, fresh)
 
@@ -247,7 +248,7 @@ def test_get_seq_length_counts_positions_and_seen_counts_tokens(filled):
     assert cache.get_seq_length() == 11 and cache.seen_tokens().tolist() == [11, 11, 11]
     mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1], [0, 0, 0, 1]])
     with torch.no_grad():
-        model(random_ids(3, 4, seed=10), attention_mask=mask, past_key_values=cache)
+        model(random_ids(3, 4, seed=10), attention_mask=mask, cache=cache)
     assert cache.get_seq_length() == 15
     assert cache.seen_tokens().tolist() == [15, 14, 12]
     assert all(layer.inner_state.seen.tolist() == [15, 14, 12] for layer in cache.layers)
@@ -272,11 +273,11 @@ def test_nbytes_after_16_and_after_4096_tokens_is_identical():
     ids = random_ids(1, 4096, seed=11)
     cache = TTTCache(model.config)
     with torch.no_grad():
-        model(ids[:, :16], past_key_values=cache)
+        model(ids[:, :16], cache=cache)
         size_16 = cache.nbytes()
         shapes_16 = {k: tuple(v.shape) for k, v in state_tensors(cache).items()}
         for start in range(16, 4096, 1360):
-            model(ids[:, start : start + 1360], past_key_values=cache)
+            model(ids[:, start : start + 1360], cache=cache)
     assert cache.get_seq_length() == 4096
     assert size_16 > 0 and cache.nbytes() == size_16
     assert {k: tuple(v.shape) for k, v in state_tensors(cache).items()} == shapes_16
@@ -295,7 +296,7 @@ def test_cache_does_not_crop():
 def test_cache_for_another_batch_size_is_refused(filled):
     model, _, cache = filled
     with pytest.raises(ValueError, match="holds state for a batch of 3 rows, but the input has 2 rows"):
-        model(random_ids(2, 1), past_key_values=cache)
+        model(random_ids(2, 1), cache=cache)
 
 
 def test_cache_for_another_config_is_refused():
@@ -304,25 +305,25 @@ def test_cache_for_another_config_is_refused():
                              (tiny_config("mlp"), "ttt_layer_type"),
                              (tiny_config(mini_batch_size=4), "mini_batch_size")):
         with pytest.raises(ValueError, match=f"another model config \\(differs in: .*{differing}"):
-            model(random_ids(1, 3), past_key_values=TTTCache(other))
+            model(random_ids(1, 3), cache=TTTCache(other))
 
 
-def test_past_key_values_of_another_type_is_refused():
+def test_a_cache_of_another_type_is_refused():
     from transformers import DynamicCache
 
     model = tiny_model("linear", "transformer")
-    with pytest.raises(ValueError, match="past_key_values must be a TTTCache"):
-        model(random_ids(1, 3), past_key_values=DynamicCache())
+    with pytest.raises(ValueError, match="cache must be a TTTCache"):
+        model(random_ids(1, 3), cache=DynamicCache())
 
 
 def test_position_ids_must_match_length_and_cache(filled):
     model, _, cache = filled
     with pytest.raises(ValueError, match=r"position_ids must have shape \(batch, seq_len\) = \(3, 2\)"):
-        model(random_ids(3, 2), position_ids=torch.arange(3).expand(3, 3), past_key_values=cache)
-    with pytest.raises(ValueError, match="position_ids disagree with the tokens this model has seen: row 0, position"):
-        model(random_ids(3, 2), position_ids=torch.arange(2).expand(3, 2), past_key_values=cache)
+        model(random_ids(3, 2), position_ids=torch.arange(3).expand(3, 3), cache=cache)
+    with pytest.raises(ValueError, match="position_ids you passed disagree with the tokens this model has seen: row 0, position"):
+        model(random_ids(3, 2), position_ids=torch.arange(2).expand(3, 2), cache=cache)
     # positions that continue the cache are accepted (TTT only uses them modulo mini_batch_size)
-    model(random_ids(3, 2), position_ids=torch.arange(11, 13).expand(3, 2), past_key_values=cache)
+    model(random_ids(3, 2), position_ids=torch.arange(11, 13).expand(3, 2), cache=cache)
 
 
 def test_attention_mask_of_wrong_shape_is_refused():
@@ -342,5 +343,5 @@ def test_attention_mask_whose_past_disagrees_with_the_cache_is_refused(filled):
     mask[1, 3] = 0  # says row 1 has seen 10 tokens; the cache has seen 11
     with pytest.raises(ValueError, match=r"holding \[11, 10, 11\] real tokens per row, but the cache has seen "
                                          r"\[11, 11, 11\]"):
-        model(random_ids(3, 2), attention_mask=mask, past_key_values=cache)
-    model(random_ids(3, 2), attention_mask=torch.ones(3, 13, dtype=torch.long), past_key_values=cache)
+        model(random_ids(3, 2), attention_mask=mask, cache=cache)
+    model(random_ids(3, 2), attention_mask=torch.ones(3, 13, dtype=torch.long), cache=cache)

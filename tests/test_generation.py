@@ -11,6 +11,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, TextIteratorStrea
 from transformers.generation.streamers import BaseStreamer
 
 from conftest import tiny_model
+from modeling_ttt.compat import cache_of
 from modeling_ttt import TTTCache
 
 PAD = 0
@@ -53,8 +54,8 @@ def test_greedy_uses_the_cache_and_equals_no_cache(variant):
     out = generate(model, ids, max_new_tokens=20, min_new_tokens=20, return_dict_in_generate=True)
     handle.remove()
     assert lengths == [13] + [1] * 19  # prefill once, then one token per step: the cache is on by default
-    assert isinstance(out.past_key_values, TTTCache)
-    assert out.past_key_values.get_seq_length() == 13 + 19
+    assert isinstance(cache_of(out), TTTCache)
+    assert cache_of(out).get_seq_length() == 13 + 19
     no_cache = generate(model, ids, max_new_tokens=20, min_new_tokens=20, use_cache=False)
     assert torch.equal(out.sequences, no_cache)
 
@@ -175,10 +176,10 @@ def test_two_thousand_new_tokens_keep_the_state_size_constant_and_stay_exact():
     cache = TTTCache(model.config)
     recorder = CacheSizeRecorder(cache)
     new = 2000
-    out = generate(model, ids, past_key_values=cache, streamer=recorder, max_new_tokens=new, min_new_tokens=new,
+    out = generate(model, ids, cache=cache, streamer=recorder, max_new_tokens=new, min_new_tokens=new,
                    output_logits=True, return_dict_in_generate=True)
     assert out.sequences.shape == (1, 10 + new)
-    assert out.past_key_values is cache
+    assert cache_of(out) is cache
     # put() is called for the prompt (before any forward), then once per new token
     assert len(recorder.sizes) == new + 1
     assert len(set(recorder.sizes[1:])) == 1 and recorder.sizes[1] > 0
@@ -201,7 +202,7 @@ def test_multi_turn_continues_from_the_returned_cache(variant):
     # infer padding there (which the cache rightly refuses: it has seen those tokens)
     kwargs = dict(attention_mask=torch.ones_like(history), max_new_tokens=10, min_new_tokens=10)
     lengths, handle = count_forward_lengths(model)
-    second = generate(model, history, past_key_values=first.past_key_values, **kwargs)
+    second = generate(model, history, cache=cache_of(first), **kwargs)
     handle.remove()
     assert lengths[0] == 1 + 5  # the last generated token (never fed) and the reply; not the history
     assert torch.equal(second, generate(model, history, use_cache=False, **kwargs))
@@ -221,18 +222,18 @@ def test_batched_multi_turn_with_padding(extra_padding):
         history = torch.cat([first.sequences, reply], dim=1)
         history_mask = torch.cat([mask, torch.ones(2, 9 + 4, dtype=torch.long)], dim=1)
         kwargs = dict(attention_mask=history_mask, max_new_tokens=8, min_new_tokens=8)
-        state = copy.deepcopy(first.past_key_values)
-        second = generate(model, history, past_key_values=first.past_key_values, **kwargs)
+        state = copy.deepcopy(cache_of(first))
+        second = generate(model, history, cache=cache_of(first), **kwargs)
         assert torch.equal(second, generate(model, history, use_cache=False, **kwargs))
         # the same continuation with a chunked prefill of the new part
-        assert torch.equal(second, generate(model, history, past_key_values=state, prefill_chunk_size=3, **kwargs))
+        assert torch.equal(second, generate(model, history, cache=state, prefill_chunk_size=3, **kwargs))
 
 
 def test_continuing_with_a_cache_of_another_batch_size_is_a_clear_error():
     model = tiny_model("linear", "transformer")
     first = generate(model, prompt(4), max_new_tokens=3, return_dict_in_generate=True)
     with pytest.raises(ValueError, match="holds state for a batch of 1 rows, but the input has 2 rows"):
-        generate(model, torch.cat([first.sequences] * 2), past_key_values=first.past_key_values, max_new_tokens=3)
+        generate(model, torch.cat([first.sequences] * 2), cache=cache_of(first), max_new_tokens=3)
 
 
 # -- refused modes ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_model
 from test_ops import assert_states_close, make_problem, sliced
 
+from modeling_ttt.compat import cache_of
 from modeling_ttt.ops import InnerState, cpu, reference
 
 pytestmark = pytest.mark.skipif(cpu.build_error() is not None,
@@ -97,7 +98,7 @@ def test_bad_inputs_of_the_block_kernels_are_named():
     x = torch.randn(2, 1, model.config.hidden_size)
     with torch.no_grad():
         params = block.fused_decode_arguments(x)
-        cache = model(torch.randint(0, 10, (2, 3)), use_cache=True).past_key_values
+        cache = cache_of(model(torch.randint(0, 10, (2, 3)), use_cache=True))
     state = cache.layers[0].inner_state
     inner = [*state.weights, *state.grads, state.seen]
     blocks = torch.ops.modeling_ttt_cpu.ttt_linear_decode_blocks
@@ -230,14 +231,14 @@ def test_fused_block_step_equals_the_module_path(backbone, rows, intermediate_si
             p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
         hidden = torch.randn(rows, 20, block.config.hidden_size, generator=gen, dtype=torch.float64)
         state = TTTCacheLayer()
-        block(hidden[:, :7], num_tokens=torch.tensor([7, 2, 5, 1, 6, 3, 7, 4, 2, 5][:rows]), past_key_values=state)
+        block(hidden[:, :7], num_tokens=torch.tensor([7, 2, 5, 1, 6, 3, 7, 4, 2, 5][:rows]), layer_state=state)
         fused_state = copy.deepcopy(state)
         for t in range(7, 20):
             assert block.fused_decode_arguments(hidden[:, t : t + 1]) is not None
-            got = block(hidden[:, t : t + 1], past_key_values=fused_state)
+            got = block(hidden[:, t : t + 1], layer_state=fused_state)
             with monkeypatch.context() as patch:  # the module-by-module path
                 patch.setattr(block, "fused_decode_arguments", lambda hidden_states: None)
-                expected = block(hidden[:, t : t + 1], past_key_values=state)
+                expected = block(hidden[:, t : t + 1], layer_state=state)
             torch.testing.assert_close(got, expected, atol=1e-12, rtol=0, msg=f"token {t}")
     assert_states_close(fused_state.inner_state, state.inner_state, atol=1e-12)
     for name in state.conv_states:
@@ -270,7 +271,7 @@ def decode_steps(model, cache, tokens, mask=None):
     """Logits of feeding `tokens` [B, T] one column at a time through `cache`."""
     logits = []
     for t in range(tokens.shape[1]):
-        out = model(tokens[:, t : t + 1], past_key_values=cache, use_cache=True)
+        out = model(tokens[:, t : t + 1], cache=cache, use_cache=True)
         logits.append(out.logits)
     return torch.cat(logits, dim=1)
 
@@ -282,7 +283,7 @@ def prefilled(model, gen, batch=3):
     mask = torch.ones_like(prompt)
     mask[1, :4] = 0
     mask[2, :9] = 0
-    return model(prompt, attention_mask=mask, use_cache=True).past_key_values
+    return cache_of(model(prompt, attention_mask=mask, use_cache=True))
 
 
 @pytest.mark.parametrize("backbone", ["mamba", "transformer"])
@@ -329,7 +330,7 @@ def test_fused_model_step_follows_changes_to_the_model(monkeypatch):
     tokens = torch.randint(0, model.config.vocab_size, (3, 1), generator=gen)
 
     def one_step(model, cache):
-        return model(tokens, past_key_values=cache, use_cache=True).logits
+        return model(tokens, cache=cache, use_cache=True).logits
 
     def blockwise(model, cache):
         with monkeypatch.context() as patch:

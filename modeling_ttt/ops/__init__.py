@@ -88,6 +88,8 @@ def cpp_kernels_apply(impl: str, *tensors: torch.Tensor) -> bool:
     first = tensors[0]
     if first.device.type != "cpu" or first.dtype not in (torch.float32, torch.float64):
         return False
+    if torch.is_autocast_enabled("cpu"):  # autocast decides each op's dtype; the kernels keep their inputs'
+        return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     return _resolves_to_cpp(impl, os.environ.get(TTT_IMPL_ENV))

@@ -26,6 +26,18 @@ row's current mini-batch (a short prompt) skips the frame: the same step is appl
 with the token scale of its own position (`_ttt_within_mini_batch`); one token per row (decoding) takes the primal
 form directly (`_ttt_one_token`).
 
+Precision. The inner loop computes, and keeps its state (`W₀`, `b₀`, `G`), in `inner_dtype(x.dtype)`: float32
+for 16-bit inputs (bf16, fp16), else the inputs' own dtype (float32, float64). Everything that enters it — the
+views, learning rates, token scales, the inner LayerNorm's parameters and the state, including the layer's learned
+initial weights — is cast to that dtype (autograd flows through the casts), autocast is switched off inside, and
+the outputs are returned in the dtype of `xq`. Why: the state is a model trained by one small step per mini-batch
+over the whole sequence; in bf16 (8 mantissa bits) a step below 2⁻⁹ of a weight is rounded away and thousands of
+them drift. The official JAX layer behaves the same way: its inner weights, token scales and learning-rate gates
+are created in `param_dtype` (float32 in every official run) and JAX's type promotion makes every product with
+them float32 whatever the activation `dtype`, with the layer's output in the activation dtype. (Its LayerNorms
+round their outputs to the activation dtype inside the loop; here they stay float32, a difference of bf16
+rounding.) The cache therefore stores the state in float32 for a 16-bit model.
+
 Speed notes (CPU, where this file is what runs): TTT-Linear's loop works on `[W; b]` with a constant-1 input
 feature, so each mini-batch is seven kernels (two products with `W₀`, the LayerNorm-l2 gradient as ATen's LayerNorm
 forward and backward, the dual correction, the weight update); everything independent of the inner weights is
@@ -67,6 +79,25 @@ class InnerState:
         grads = tuple(torch.zeros_like(w) for w in expanded)
         seen = torch.zeros(batch_size, dtype=torch.long, device=weights[0].device)
         return cls(expanded, grads, seen)
+
+
+def inner_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the inner loop's arithmetic and state for inputs of `dtype` (see "Precision" above)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def state_in_dtype(state: InnerState, dtype: torch.dtype) -> InnerState:
+    """`state` with its weights and gradient sums in `dtype` (the same object when they already are)."""
+    if all(w.dtype == dtype for w in (*state.weights, *state.grads)):
+        return state
+    return InnerState(tuple(w.to(dtype) for w in state.weights), tuple(g.to(dtype) for g in state.grads), state.seen)
+
+
+def in_inner_dtype(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state: InnerState):
+    """The op arguments cast to `inner_dtype(xq.dtype)` (no copies when they already are)."""
+    dtype = inner_dtype(xq.dtype)
+    cast = [t if t.dtype == dtype else t.to(dtype) for t in (xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias)]
+    return (*cast, state_in_dtype(state, dtype))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -581,6 +612,18 @@ def _check_inputs(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, 
         raise ValueError(f"num_tokens must be [B] = [{batch}], got {tuple(num_tokens.shape)}.")
 
 
+def _in_precision(layer_type, xq, *args) -> tuple[torch.Tensor, InnerState]:
+    """`_ttt_chunk` in `inner_dtype` without autocast, the outputs back in the dtype of `xq` ("Precision")."""
+    device_type = xq.device.type
+    cast = in_inner_dtype(xq, *args[:7])
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            out, state = _ttt_chunk(layer_type, *cast, *args[7:])
+    else:
+        out, state = _ttt_chunk(layer_type, *cast, *args[7:])
+    return (out if out.dtype == xq.dtype else out.to(xq.dtype)), state
+
+
 def ttt_linear(
     xq: torch.Tensor,
     xk: torch.Tensor,
@@ -608,8 +651,8 @@ def ttt_linear(
         `[B, H, T, d]` outputs `x_q + LN(f(x_q))` (zeros at padding) and the state after the chunk.
     """
     _check_inputs(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens, 2)
-    return _ttt_chunk("linear", xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens,
-                      checkpoint_group)
+    return _in_precision("linear", xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens,
+                         checkpoint_group)
 
 
 def ttt_mlp(
@@ -626,8 +669,8 @@ def ttt_mlp(
 ) -> tuple[torch.Tensor, InnerState]:
     """TTT-MLP over a chunk, from `state` on; arguments as in [`ttt_linear`], with a 4-tensor state."""
     _check_inputs(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens, 4)
-    return _ttt_chunk("mlp", xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens,
-                      checkpoint_group)
+    return _in_precision("mlp", xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens,
+                         checkpoint_group)
 
 
 def ttt_sequential(

@@ -73,11 +73,11 @@ def build_error() -> str | None:
 
 
 def decodes(xq: torch.Tensor, num_tokens: torch.Tensor | None, *tensors: torch.Tensor) -> bool:
-    """Whether a `ttt_linear` call is one the kernel handles: one token per row, CPU, float32/64, and no autograd
-    through any of `tensors` (the other inputs)."""
+    """Whether a `ttt_linear` call is one the kernel handles: one token per row, CPU, float32/64 outside autocast,
+    and no autograd through any of `tensors` (the other inputs)."""
     if xq.dim() != 4 or xq.shape[2] != 1 or num_tokens is not None or xq.shape[0] == 0:
         return False
-    if xq.device.type != "cpu" or xq.dtype not in _DTYPES:
+    if xq.device.type != "cpu" or xq.dtype not in _DTYPES or torch.is_autocast_enabled("cpu"):
         return False
     return not torch.is_grad_enabled() or not any(t.requires_grad for t in (xq, *tensors))
 

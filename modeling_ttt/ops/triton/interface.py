@@ -21,8 +21,8 @@ inside a mini-batch (Z, ∇Z, the M×M dual matrices, LayerNorm statistics) is a
 and would otherwise cost `M·d` to `M²` floats per token.
 
 Precision: inputs may be fp32, bf16 or fp16; the kernels load them, compute and accumulate in fp32, and keep the
-carried inner weights in fp32 registers across the whole sequence (the final state is returned in the state's
-dtype). fp32 inputs use 3×TF32 tensor-core matmuls (about fp32 accuracy; plain fp32 "ieee" matmuls run on the
+carried inner weights in fp32 registers across the whole sequence; the state comes in and goes out in float32 for
+16-bit inputs, as the reference keeps it. fp32 inputs use 3×TF32 tensor-core matmuls (about fp32 accuracy; plain fp32 "ieee" matmuls run on the
 CUDA cores and took ptxas minutes to compile for TTT-MLP), so results match the reference to ~1e-6 relative;
 16-bit inputs use TF32 matmuls, whose rounding (10-bit mantissa) is finer than the inputs'.
 
@@ -40,7 +40,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ..reference import LAYER_NORM_EPS, InnerState, _check_inputs, _from_frame, _make_frame, _to_frame
+from ..reference import (LAYER_NORM_EPS, InnerState, _check_inputs, _from_frame, _make_frame, _to_frame, inner_dtype,
+                         state_in_dtype)
 from .chunk_linear import ttt_linear_bwd_kernel, ttt_linear_fwd_kernel
 from .chunk_mlp import ttt_mlp_bwd_kernel, ttt_mlp_fwd_kernel
 from .decode import ttt_linear_decode_kernel, ttt_mlp_decode_kernel
@@ -210,6 +211,9 @@ def _chunk(layer_type, xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, st
         raise NotImplementedError(
             f"The Triton TTT-{'Linear' if layer_type == 'linear' else 'MLP'} kernels support head_dim <= "
             f"{MAX_HEAD_DIM[layer_type]}, got {dim}; use ttt_impl='torch' (or 'auto', which picks it for this size).")
+    # The state is kept in the reference's inner dtype (float32 for 16-bit inputs); the kernels load 16-bit inputs
+    # as they are and compute in float32 (see "Precision" above and in reference.py).
+    state = state_in_dtype(state, inner_dtype(xq.dtype))
     tensors = (xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, *state.weights, *state.grads)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if seq_len == 1 and not save:  # decoding: the primal-form kernel (no frame, no autograd)
