@@ -180,10 +180,12 @@ def test_decode_kernel_steps_match_reference(layer_type):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs_accumulate_in_fp32(dtype):
     """16-bit inputs: the kernel computes in fp32, so it is as close to the fp32 reference on the same (rounded)
-    inputs as the 16-bit output rounding allows."""
+    inputs as the 16-bit output rounding allows; the state comes out in float32, as the reference keeps it."""
     inputs, state, num_tokens = make_case("linear", seen=(3, 0), num_tokens=(19, 11), dtype=dtype)
     out, new_state = get_ttt_ops("triton", "linear", DEVICE)(**inputs, state=state, num_tokens=num_tokens)
-    assert out.dtype == dtype and new_state.weights[0].dtype == dtype
+    assert out.dtype == dtype and new_state.weights[0].dtype == torch.float32
+    ref_out, ref_state = reference.ttt_linear(**inputs, state=state, num_tokens=num_tokens)  # 16-bit in, too
+    assert ref_out.dtype == dtype and ref_state.weights[0].dtype == torch.float32
     upcast = {k: v.float() for k, v in inputs.items()}
     state32 = InnerState(tuple(w.float() for w in state.weights), tuple(g.float() for g in state.grads), state.seen)
     expected, expected_state = reference.ttt_linear(**upcast, state=state32, num_tokens=num_tokens)

@@ -12,6 +12,7 @@ import torch
 from transformers.utils import logging
 
 from .reference import InnerState, ttt_linear, ttt_mlp, ttt_sequential
+from . import cpu  # (builds nothing at import)
 
 #: Environment variable that overrides `config.ttt_impl` (for benchmarking): "torch", "triton", "cpp" or "auto".
 TTT_IMPL_ENV = "TTT_IMPL"
@@ -39,6 +40,9 @@ def resolve_ttt_impl(impl: str, device: torch.device | str) -> str:
     a CUDA device and Triton is installed, the C++ decoding kernel (`modeling_ttt.ops.cpu`) on the CPU when it
     builds, else the PyTorch reference (`get_ttt_ops` also checks the head size). An explicit `"triton"` or
     `"cpp"` that cannot run raises `RuntimeError` saying why; it never falls back silently.
+
+    Nothing is compiled here: `"cpp"` means the C++ kernels are not known to fail (no missing compiler, no failed
+    attempt in this process); they are built where one first runs (`cpp_kernels_apply`).
     """
     requested = os.environ.get(TTT_IMPL_ENV) or impl
     if requested not in _IMPLEMENTATIONS:
@@ -54,10 +58,7 @@ def resolve_ttt_impl(impl: str, device: torch.device | str) -> str:
             raise RuntimeError(f"ttt_impl='cpp' is a CPU kernel, but the tensors are on {device.type!r}; use "
                                "ttt_impl='auto' or 'torch'.")
         if not _cpp_kernel_ready(warn=False):
-            from .cpu import build_error
-
-            raise RuntimeError(f"ttt_impl='cpp': the C++ CPU decoding kernel could not be built ({build_error()}); "
-                               "it needs a C++ compiler and `ninja`. Use ttt_impl='torch' or 'auto'.")
+            raise _cpp_build_failure(cpu.known_build_error())
     if requested == "triton":
         if not triton_available():
             raise RuntimeError("ttt_impl='triton' needs the `triton` package, which is not installed "
@@ -72,13 +73,21 @@ def resolve_ttt_impl(impl: str, device: torch.device | str) -> str:
 
 
 def _cpp_kernel_ready(warn: bool) -> bool:
-    from .cpu import build_error  # builds the kernel on first use
-
-    error = build_error()
+    """The C++ kernels are built or may still build (known without building)."""
+    error = cpu.known_build_error()
     if error is not None and warn:
-        logger.warning_once(f"modeling_ttt: the C++ CPU decoding kernel could not be built ({error}); decoding on "
-                            "the CPU uses the slower PyTorch reference. Set TTT_IMPL=torch to skip the attempt.")
+        _warn_cpp_unavailable(error)
     return error is None
+
+
+def _warn_cpp_unavailable(error: str) -> None:
+    logger.warning_once(f"modeling_ttt: the C++ CPU decoding kernels could not be built ({error}); decoding on the "
+                        "CPU uses the slower PyTorch reference. Set TTT_IMPL=torch to skip the attempt.")
+
+
+def _cpp_build_failure(error: str | None) -> RuntimeError:
+    return RuntimeError(f"ttt_impl='cpp': the C++ CPU decoding kernels could not be built ({error}); they need a "
+                        "C++ compiler and `ninja`. Use ttt_impl='torch' or 'auto'.")
 
 
 def cpp_kernels_apply(impl: str, *tensors: torch.Tensor) -> bool:
@@ -92,7 +101,15 @@ def cpp_kernels_apply(impl: str, *tensors: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    return _resolves_to_cpp(impl, os.environ.get(TTT_IMPL_ENV))
+    if not _resolves_to_cpp(impl, os.environ.get(TTT_IMPL_ENV)):
+        return False
+    error = cpu.build_error()  # a kernel is about to run: build it now (once per process)
+    if error is None:
+        return True
+    if (os.environ.get(TTT_IMPL_ENV) or impl) == "cpp":
+        raise _cpp_build_failure(error)
+    _warn_cpp_unavailable(error)
+    return False
 
 
 @functools.lru_cache(maxsize=16)
@@ -112,9 +129,9 @@ def get_ttt_ops(impl: str, layer_type: str, device: torch.device | str, head_dim
     if resolved == "torch":
         return _REFERENCE_OPS[layer_type]
     if resolved == "cpp":
-        from . import cpu
-
-        return {"linear": cpu.ttt_linear, "mlp": cpu.ttt_mlp}[layer_type]
+        if layer_type == "mlp":
+            return cpu.ttt_mlp
+        return cpu.ttt_linear if (os.environ.get(TTT_IMPL_ENV) or impl) == "cpp" else cpu.ttt_linear_or_reference
     from . import triton as triton_ops  # imported only here: `import triton` is slow and optional
 
     requested = os.environ.get(TTT_IMPL_ENV) or impl

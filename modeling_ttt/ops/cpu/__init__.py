@@ -16,17 +16,25 @@ Why: decoding a small model on a CPU spends more time launching PyTorch's small 
 than computing them; each C++ kernel does the same arithmetic in one call. `tests/test_ops_cpu.py` holds them to
 the reference.
 
-The kernels are compiled on first use with `torch.utils.cpp_extension` (a C++ compiler and `ninja` are needed;
-about 15 s, once per machine: torch caches the build under `~/.cache/torch_extensions`).
+The kernels are compiled with `torch.utils.cpp_extension` at the first step that runs one (a one-token CPU step
+without autograd; a C++ compiler and `ninja` are needed), once per machine and build key (`build_name`): torch
+caches the build under `~/.cache/torch_extensions` (or `TORCH_EXTENSIONS_DIR`). Concurrent processes wait for one
+build; a build that cannot finish (killed part-way, no compiler, a compile error, another process building for
+longer than `BUILD_WAIT_SECONDS`) is reported in one line, and `ttt_impl="auto"` then decodes with the reference.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import platform
+import shutil
+import subprocess
 import sys
+import sysconfig
+import time
 
 import torch
 from transformers.utils import logging
@@ -34,42 +42,128 @@ from transformers.utils import logging
 from .. import reference
 from ..reference import LAYER_NORM_EPS, InnerState
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: builds are not serialised between processes
+    fcntl = None
+
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ttt_decode.cpp")
 _DTYPES = (torch.float32, torch.float64)
+#: How long a process waits for another one that is building the same kernels before it gives up (seconds).
+BUILD_WAIT_SECONDS = 300.0
 logger = logging.get_logger(__name__)
 
 
-def _build_name() -> str:
-    """The build is tuned for this CPU (`-march=native`), so its cached name says which CPU: a home directory
-    shared by different machines then never loads a build made for another instruction set."""
+def _compile_flags() -> tuple[list[str], list[str]]:
+    """(compiler flags, linker flags) of the build."""
+    # tuned for this CPU where the flag is known to work (x86-64 gcc/clang); plain -O3 elsewhere
+    flags = ["-O3", "-march=native"] if platform.machine() in ("x86_64", "AMD64") else ["-O3"]
+    # OpenMP (the runtime torch itself uses on Linux): without it at::parallel_for runs on one thread
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    return flags + openmp, openmp
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX", "c++")
+
+
+def build_name() -> str:
+    """The extension's name, which is also its build folder under torch's extensions directory
+    (`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions/<python>_<device>/`). It is keyed by everything
+    that makes two builds differ — the CPU it is tuned for (`-march=native`), torch's version, the Python ABI, the
+    compiler and its flags, and the source — so virtualenvs and machines sharing a home directory never rebuild or
+    load each other's builds."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith("flags")), "")
+            cpu_flags = next((line for line in cpuinfo if line.startswith("flags")), "")
     except OSError:
-        flags = ""
-    digest = hashlib.sha1(f"{platform.machine()} {platform.processor()} {flags}".encode()).hexdigest()[:10]
-    return f"modeling_ttt_cpu_{digest}"
+        cpu_flags = ""
+    with open(_SOURCE, "rb") as source:
+        source_hash = hashlib.sha1(source.read()).hexdigest()
+    key = [platform.machine(), platform.processor(), cpu_flags, torch.__version__, sys.implementation.cache_tag,
+           sysconfig.get_config_var("EXT_SUFFIX") or "", _compiler(), repr(_compile_flags()), source_hash]
+    return "modeling_ttt_cpu_" + hashlib.sha1("\n".join(key).encode()).hexdigest()[:12]
+
+
+def _missing_tools() -> str | None:
+    """Why a build cannot even start (no compiler, no ninja), checked without building."""
+    if shutil.which(_compiler()) is None:
+        return f"no C++ compiler: `{_compiler()}` is not on PATH (set CXX to use another)"
+    try:
+        subprocess.run(["ninja", "--version"], capture_output=True, check=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "`ninja` is not installed or does not run (pip install ninja)"
+    return None
+
+
+@contextlib.contextmanager
+def _build_lock(directory: str):
+    """Hold `directory/build.flock` while building: other processes wait for it (at most BUILD_WAIT_SECONDS), and
+    the operating system releases it when its holder dies, so a killed build never blocks later ones. Raises
+    TimeoutError when another process keeps building for longer than that."""
+    os.makedirs(directory, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    with open(os.path.join(directory, "build.flock"), "a") as handle:
+        deadline = time.monotonic() + BUILD_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another process has been building the C++ kernels in {directory} for "
+                                       f"over {BUILD_WAIT_SECONDS:.0f} s") from None
+                time.sleep(0.2)
+        try:
+            # torch's own `lock` file is only ever held by a build inside this flock: one that exists now was left
+            # by a build that was killed (torch would wait for it forever)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, "lock"))
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @functools.lru_cache(maxsize=1)
 def build_error() -> str | None:
-    """Build and load the kernel once per process; `None` when it is ready, else why it is not."""
+    """Build (first time on this machine) and load the kernels, once per process; `None` when they are ready,
+    else why they are not, in one line. Called only where a kernel is about to run (a one-token CPU step without
+    autograd), never at import, for a prefill or for training."""
+    missing = _missing_tools()
+    if missing is not None:
+        return missing
     try:
         from torch.utils import cpp_extension
 
-        name = _build_name()
-        built = os.path.join(cpp_extension._get_build_directory(name, verbose=False), f"{name}.so")
-        if not os.path.exists(built):
-            logger.warning_once("modeling_ttt: compiling the C++ CPU decoding kernel (once per machine, ~15 s).")
-        # tuned for this CPU where the flag is known to work (x86-64 gcc/clang); plain -O3 elsewhere
-        flags = ["-O3", "-march=native"] if platform.machine() in ("x86_64", "AMD64") else ["-O3"]
-        # OpenMP (the runtime torch itself uses on Linux): without it at::parallel_for runs on one thread
-        openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-        cpp_extension.load(name=name, sources=[_SOURCE], extra_cflags=flags + openmp, extra_ldflags=openmp,
-                           is_python_module=False, verbose=False)
-    except Exception as error:  # no compiler, no ninja, a failed build: reported by the callers
-        return f"{type(error).__name__}: {error}".strip()
+        name = build_name()
+        directory = cpp_extension._get_build_directory(name, verbose=False)
+        library = os.path.join(directory, f"{name}.so")
+        cflags, ldflags = _compile_flags()
+        with _build_lock(directory):
+            if not os.path.exists(library):
+                logger.warning_once(f"modeling_ttt: compiling the C++ CPU decoding kernels (first decoding step on "
+                                    f"this machine; usually 15-40 s, then cached in {directory}).")
+            cpp_extension.load(name=name, sources=[_SOURCE], extra_cflags=cflags, extra_ldflags=ldflags,
+                               build_directory=directory, is_python_module=False, verbose=False)
+    except Exception as error:  # a failed build, a timeout: reported by the callers in one line
+        first_line = next((line for line in str(error).splitlines() if line.strip()), "")
+        return f"{type(error).__name__}: {first_line}".strip()
     return None
+
+
+def known_build_error() -> str | None:
+    """What `build_error` would say, when that is known without building: missing tools, or an attempt of this
+    process that failed. `None` when the kernels are built or may still build."""
+    if build_error.cache_info().currsize:
+        return build_error()
+    return _missing_tools_cached()
+
+
+@functools.lru_cache(maxsize=1)
+def _missing_tools_cached() -> str | None:
+    return _missing_tools()
 
 
 def decodes(xq: torch.Tensor, num_tokens: torch.Tensor | None, *tensors: torch.Tensor) -> bool:
@@ -94,7 +188,8 @@ def ttt_linear(
     num_tokens: torch.Tensor | None = None,
     checkpoint_group: int = 0,
 ) -> tuple[torch.Tensor, InnerState]:
-    """[`modeling_ttt.ops.reference.ttt_linear`], with decoding steps run by the C++ kernel."""
+    """[`modeling_ttt.ops.reference.ttt_linear`], with decoding steps run by the C++ kernel (`ttt_impl="cpp"`:
+    a kernel that cannot be built is a `RuntimeError`)."""
     if not decodes(xq, num_tokens, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, *state.weights, *state.grads):
         return reference.ttt_linear(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens,
                                     checkpoint_group)
@@ -102,6 +197,25 @@ def ttt_linear(
     if error is not None:
         raise RuntimeError(f"The C++ CPU decoding kernel of modeling_ttt could not be built ({error}); use "
                            "ttt_impl='torch' (or 'auto', which then uses the PyTorch reference).")
+    return _decode(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state)
+
+
+def ttt_linear_or_reference(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state: InnerState,
+                            num_tokens=None, checkpoint_group: int = 0) -> tuple[torch.Tensor, InnerState]:
+    """`ttt_linear` for `ttt_impl="auto"`: a kernel that cannot be built leaves the step to the reference (with
+    one warning)."""
+    if (decodes(xq, num_tokens, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, *state.weights, *state.grads)
+            and build_error() is None):
+        return _decode(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state)
+    if build_error.cache_info().currsize and build_error() is not None:
+        from .. import _warn_cpp_unavailable
+
+        _warn_cpp_unavailable(build_error())
+    return reference.ttt_linear(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens,
+                                checkpoint_group)
+
+
+def _decode(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state: InnerState):
     outputs = torch.ops.modeling_ttt_cpu.ttt_linear_decode(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias,
                                                            *state.weights, *state.grads, state.seen, LAYER_NORM_EPS)
     return outputs[0], state_after(state, outputs[1:])
@@ -116,4 +230,5 @@ def state_after(state: InnerState, kernel_state: list[torch.Tensor]) -> InnerSta
 
 ttt_mlp = reference.ttt_mlp  # TTT-MLP decodes with the reference
 
-__all__ = ["ttt_linear", "ttt_mlp", "build_error", "decodes", "state_after"]
+__all__ = ["ttt_linear", "ttt_linear_or_reference", "ttt_mlp", "build_error", "known_build_error", "build_name",
+           "decodes", "state_after"]
