@@ -63,7 +63,7 @@ class TTTConfig(PreTrainedConfig):
     """
 
     model_type = "ttt"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # the output name of either release
 
     vocab_size: int = 32000
     hidden_size: int = 2048

@@ -412,6 +412,14 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
             return
         model_kwargs[CACHE_NAME] = TTTCache(self.config)
 
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        """[`GenerationMixin.generate`], after checking the prompt: `[batch, seq_len]` integer token ids with at
+        least one token (generate itself fails on other shapes with errors that do not say what was wrong)."""
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        if isinstance(prompt, torch.Tensor):
+            _check_inputs(prompt, None, from_generate=True)
+        return super().generate(inputs, *args, **kwargs)
+
     def prepare_inputs_for_generation(self, *args, **kwargs):
         """generate()'s own preparation, marked as coming from generate so that a position-ids or mask mismatch
         is reported as what it is there (a cache that did not see the prompt), not as a bad argument."""
@@ -478,7 +486,8 @@ def _check_inputs(input_ids, inputs_embeds, from_generate: bool) -> None:
             raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype} (ids would be "
                              "truncated); convert with `.long()` if the values are whole numbers.")
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be 2-D (batch, seq_len), got shape {tuple(input_ids.shape)}"
+            raise ValueError(f"input_ids {'given to generate() ' if from_generate else ''}must be 2-D (batch, "
+                             f"seq_len), got shape {tuple(input_ids.shape)}"
                              + (": add the batch axis with `input_ids.unsqueeze(0)`." if input_ids.dim() == 1 else "."))
         tokens = input_ids.shape[1]
     else:

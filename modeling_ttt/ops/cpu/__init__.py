@@ -126,11 +126,21 @@ def _build_lock(directory: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-@functools.lru_cache(maxsize=1)
+_NOT_TRIED = "not tried"
+_build_result: str | None = _NOT_TRIED  # what `build_error` found in this process
+
+
 def build_error() -> str | None:
     """Build (first time on this machine) and load the kernels, once per process; `None` when they are ready,
     else why they are not, in one line. Called only where a kernel is about to run (a one-token CPU step without
     autograd), never at import, for a prefill or for training."""
+    global _build_result
+    if _build_result is _NOT_TRIED:
+        _build_result = _build()
+    return _build_result
+
+
+def _build() -> str | None:
     missing = _missing_tools()
     if missing is not None:
         return missing
@@ -156,8 +166,8 @@ def build_error() -> str | None:
 def known_build_error() -> str | None:
     """What `build_error` would say, when that is known without building: missing tools, or an attempt of this
     process that failed. `None` when the kernels are built or may still build."""
-    if build_error.cache_info().currsize:
-        return build_error()
+    if _build_result is not _NOT_TRIED:
+        return _build_result
     return _missing_tools_cached()
 
 
@@ -207,10 +217,10 @@ def ttt_linear_or_reference(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bia
     if (decodes(xq, num_tokens, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, *state.weights, *state.grads)
             and build_error() is None):
         return _decode(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state)
-    if build_error.cache_info().currsize and build_error() is not None:
+    if _build_result is not None and _build_result is not _NOT_TRIED:  # an attempt failed
         from .. import _warn_cpp_unavailable
 
-        _warn_cpp_unavailable(build_error())
+        _warn_cpp_unavailable(_build_result)
     return reference.ttt_linear(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens,
                                 checkpoint_group)
 
