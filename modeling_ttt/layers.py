@@ -280,7 +280,7 @@ class TTTLayerBase(nn.Module):
         inner_lr = self.inner_lr(hidden_states)
         if num_tokens is not None:
             real = torch.arange(seq_len, device=hidden_states.device).unsqueeze(0) < num_tokens.unsqueeze(1)
-            inner_lr = inner_lr * real.unsqueeze(1).to(inner_lr.dtype)
+            inner_lr = inner_lr.masked_fill(~real.unsqueeze(1), 0.0)
 
         out, new_state = self.run_inner_loop(xq, xk, xv, inner_lr, state, num_tokens)
         if layer_state is not None:

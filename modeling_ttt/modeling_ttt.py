@@ -337,7 +337,7 @@ class TTTModel(TTTPreTrainedModel):
         if position_ids is not None:
             _check_position_ids(position_ids, attention_mask, seen, batch, seq_len, self.config.mini_batch_size,
                                 from_generate)
-        hidden_states = inputs_embeds if order is None else _gather_rows(inputs_embeds, order)
+        hidden_states = inputs_embeds if order is None else _gather_rows(inputs_embeds, order, num_tokens)
 
         all_hidden_states = () if output_hidden_states else None
         plan = None
@@ -549,8 +549,12 @@ def _compaction(attention_mask, batch, seq_len, device):
     return order, mask.sum(dim=1)
 
 
-def _gather_rows(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    return torch.gather(x, 1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+def _gather_rows(x: torch.Tensor, order: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+    """Each row's real tokens first, in order; the padded slots after them hold zeros (whatever the padding's
+    embeddings were, NaN included: they must not enter any product)."""
+    x = torch.gather(x, 1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    real = torch.arange(x.shape[1], device=x.device).unsqueeze(0) < num_tokens.unsqueeze(1)
+    return x.masked_fill(~real.unsqueeze(-1), 0.0)
 
 
 def _scatter_rows(x: torch.Tensor, order: torch.Tensor | None, num_tokens: torch.Tensor | None) -> torch.Tensor:
@@ -558,7 +562,7 @@ def _scatter_rows(x: torch.Tensor, order: torch.Tensor | None, num_tokens: torch
     if order is None:
         return x
     real = torch.arange(x.shape[1], device=x.device).unsqueeze(0) < num_tokens.unsqueeze(1)
-    x = x * real.unsqueeze(-1).to(x.dtype)
+    x = x.masked_fill(~real.unsqueeze(-1), 0.0)
     return torch.zeros_like(x).scatter(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
 
 

@@ -6,6 +6,7 @@ from conftest import tiny_config, tiny_model
 from transformers import AutoModel, AutoModelForCausalLM
 
 from modeling_ttt import TTTForCausalLM, TTTModel
+from modeling_ttt.compat import cache_of
 
 
 def test_causal_at_every_length(variant):
@@ -152,6 +153,32 @@ def test_left_and_right_padding_equal_unpadded_rows(variant):
                 alone = model(row[None], use_cache=False).logits[0]
                 got = logits[i][mask[i].bool()]
                 torch.testing.assert_close(got, alone, atol=1e-5, rtol=0, msg=f"{side} row {i}")
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_non_finite_padding_changes_nothing(variant, poison):
+    """Padding is zeroed before it enters any product: NaN/inf embeddings at masked positions leave the real
+    tokens' logits, the state and every gradient exactly as with finite padding (forward and backward)."""
+    model = tiny_model(*variant).train()
+    gen = torch.Generator().manual_seed(4)
+    embeds = torch.randn(2, 21, model.config.hidden_size, generator=gen)
+    mask = torch.ones(2, 21, dtype=torch.long)
+    mask[0, :5] = 0  # left padding inside the first mini-batch
+    mask[1, 13:] = 0  # right padding
+    runs = []
+    for fill in (0.0, poison):
+        poisoned = embeds.masked_fill(~mask.bool().unsqueeze(-1), fill).requires_grad_(True)
+        model.zero_grad()
+        out = model(inputs_embeds=poisoned, attention_mask=mask, use_cache=True)
+        (out.logits * mask.unsqueeze(-1)).sum().backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        runs.append((out.logits, cache_of(out).layers[0].inner_state, grads, poisoned.grad))
+    (logits, state, grads, input_grad), (p_logits, p_state, p_grads, p_input_grad) = runs
+    assert torch.isfinite(p_logits).all() and torch.equal(p_logits, logits)
+    assert all(torch.equal(a, b) for a, b in zip(p_state.weights + p_state.grads, state.weights + state.grads))
+    for name in grads:
+        assert torch.isfinite(p_grads[name]).all() and torch.equal(p_grads[name], grads[name]), name
+    assert torch.equal(p_input_grad, input_grad) and not p_input_grad[~mask.bool()].any()
 
 
 def test_bad_attention_mask_is_refused():

@@ -176,6 +176,27 @@ def test_decode_kernel_steps_match_reference(layer_type):
             assert_close_scaled(actual[2][name], e, 1e-4, f"single-token d/d {name}")
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("layer_type", ["linear", "mlp"])
+def test_non_finite_values_at_padding_change_nothing(layer_type, impl):
+    """Every backend zeroes padded slots before they enter a product: NaN/inf there leave the outputs, the state
+    and the gradients of the real tokens as they are with zeros."""
+    if impl == "triton" and SKIP_REASON is not None:
+        pytest.skip(str(SKIP_REASON))
+    inputs, state, num_tokens = make_case(layer_type, seen=(3, 0), num_tokens=(14, 9))
+    real = (torch.arange(19, device=DEVICE).view(1, 1, -1, 1) < num_tokens.view(-1, 1, 1, 1))
+    fn = get_ttt_ops(impl, layer_type, DEVICE)
+    clean = run_with_grads(fn, inputs, state, num_tokens, 0)
+    for poison in (float("nan"), float("inf")):
+        poisoned = {k: (v.masked_fill(~real, poison) if k in ("xq", "xk", "xv") else v) for k, v in inputs.items()}
+        result = run_with_grads(fn, poisoned, state, num_tokens, 0)
+        for a, e in zip(result[0], clean[0]):
+            assert torch.isfinite(a).all() and torch.equal(a, e)
+        for name, e in clean[2].items():
+            if e is not None:
+                assert torch.isfinite(result[2][name]).all() and torch.equal(result[2][name], e), name
+
+
 @requires_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs_accumulate_in_fp32(dtype):

@@ -184,7 +184,7 @@ def _to_frame(x: torch.Tensor, frame: _Frame) -> torch.Tensor:
     index = frame.gather_index.view(x.shape[0], 1, frame.length, *([1] * (x.dim() - 3)))
     out = torch.gather(x, 2, index.expand(-1, x.shape[1], -1, *x.shape[3:]))
     mask = frame.valid.view(x.shape[0], 1, frame.length, *([1] * (x.dim() - 3)))
-    return out * mask.to(out.dtype)
+    return out.masked_fill(~mask, 0.0)
 
 
 def _from_frame(y: torch.Tensor, frame: _Frame, seq_len: int) -> torch.Tensor:
@@ -195,7 +195,7 @@ def _from_frame(y: torch.Tensor, frame: _Frame, seq_len: int) -> torch.Tensor:
     index = (positions.unsqueeze(0) + frame.shift.unsqueeze(1)).clamp(max=frame.length - 1)
     out = torch.gather(y, 2, index.view(y.shape[0], 1, seq_len, 1).expand(-1, y.shape[1], -1, y.shape[3]))
     real = (positions.unsqueeze(0) + frame.shift.unsqueeze(1)) < frame.end.unsqueeze(1)
-    return out * real.view(y.shape[0], 1, seq_len, 1).to(out.dtype)
+    return out.masked_fill(~real.view(y.shape[0], 1, seq_len, 1), 0.0)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -432,8 +432,8 @@ def _ttt_within_mini_batch(
 
     if num_tokens is not None:  # right padding: padded slots get zero inputs and zero learning rate
         real = (torch.arange(seq_len, device=xq.device) < num_tokens.unsqueeze(1)).view(batch, 1, seq_len)
-        xq, xk, xv = (x * real.unsqueeze(-1).to(x.dtype) for x in (xq, xk, xv))
-        inner_lr = inner_lr * real.to(inner_lr.dtype)
+        xq, xk, xv = (x.masked_fill(~real.unsqueeze(-1), 0.0) for x in (xq, xk, xv))
+        inner_lr = inner_lr.masked_fill(~real, 0.0)
     xq_r, xk_r, xv_r = (x.reshape(rows, seq_len, head_dim) for x in (xq, xk, xv))
     ln_w, ln_b = _per_row(ln_weight, batch), _per_row(ln_bias, batch)
     inputs, ln_w_sq = _step_inputs(layer_type, xq_r, xk_r, xv_r, inner_lr.reshape(rows, seq_len), scale, ln_w, ln_b)
@@ -456,7 +456,7 @@ def _ttt_within_mini_batch(
 
     out = (xq_r + layer_norm(z_bar, ln_w, ln_b)).view(batch, heads, seq_len, head_dim)  # output rule (Sec. 2.7)
     if num_tokens is not None:
-        out = out * real.unsqueeze(-1).to(out.dtype)
+        out = out.masked_fill(~real.unsqueeze(-1), 0.0)
     new_weights = _unpack(layer_type, weights, batch, heads)
     new_grads = _unpack(layer_type, grads, batch, heads)
     seen = state.seen + (num_tokens if num_tokens is not None else seq_len)
