@@ -420,10 +420,18 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
             _check_inputs(prompt, None, from_generate=True)
         return super().generate(inputs, *args, **kwargs)
 
-    def prepare_inputs_for_generation(self, *args, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
         """generate()'s own preparation, marked as coming from generate so that a position-ids or mask mismatch
         is reported as what it is there (a cache that did not see the prompt), not as a bad argument."""
-        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        cache = resolve_cache(kwargs.get("cache"), kwargs.get("past_key_values"))
+        if isinstance(cache, TTTCache) and cache.is_initialized and cache.get_seq_length() >= input_ids.shape[1]:
+            raise ValueError(
+                f"The cache given to generate() has already read {cache.get_seq_length()} positions, but the input "
+                f"has only {input_ids.shape[1]}: generate() needs at least the newest token unread (its logits give "
+                "the first new token). Pass the cache from before the prompt's last token, or the prompt plus the "
+                "tokens to read next."
+            )
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
         model_inputs["from_generate"] = True
         return model_inputs
 

@@ -165,3 +165,16 @@ def test_mask_errors_say_who_built_the_mask():
         model(ids, attention_mask=wide, cache=TTTCache(model.config))
     with pytest.raises(ValueError, match=r"generate\(\) passed the attention mask of the whole sequence"):
         model(ids, attention_mask=wide, cache=TTTCache(model.config), from_generate=True)
+
+
+def test_generate_with_a_cache_that_read_the_whole_prompt_says_so():
+    model = tiny_model("linear", "mamba")
+    prompt = random_ids(1, 6, seed=5)
+    cache = TTTCache(model.config)
+    with torch.no_grad():
+        model(prompt, cache=cache)
+    with pytest.raises(ValueError, match="has already read 6 positions, but the input has only 6"):
+        model.generate(prompt, cache=cache, max_new_tokens=2, pad_token_id=PAD)
+    more = torch.cat([prompt, random_ids(1, 1, seed=6)], dim=1)  # one unread token: continues the state
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=PAD)
+    assert torch.equal(model.generate(more, cache=cache, **kwargs), model.generate(more, **kwargs))
