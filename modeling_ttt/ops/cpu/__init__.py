@@ -158,8 +158,11 @@ def _build() -> str | None:
             cpp_extension.load(name=name, sources=[_SOURCE], extra_cflags=cflags, extra_ldflags=ldflags,
                                build_directory=directory, is_python_module=False, verbose=False)
     except Exception as error:  # a failed build, a timeout: reported by the callers in one line
-        first_line = next((line for line in str(error).splitlines() if line.strip()), "")
-        return f"{type(error).__name__}: {first_line}".strip()
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        compiler_error = next((line for line in lines if "error:" in line), None)  # the compiler's own words
+        if compiler_error is not None:
+            return f"compiling {_SOURCE} failed: {compiler_error}"
+        return f"{type(error).__name__}: {lines[0] if lines else ''}".strip()
     return None
 
 
