@@ -9,10 +9,15 @@ load unchanged; the two backbones of the paper are combinations of flags:
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 
 TTT_LAYER_TYPES = ("linear", "mlp")
 TTT_IMPLEMENTATIONS = ("torch", "triton", "cpp", "auto")
@@ -21,6 +26,119 @@ TTT_IMPLEMENTATIONS = ("torch", "triton", "cpp", "auto")
 PRESET_NAMES = tuple(
     f"{size}-{kind}" for size in ("125m", "350m", "760m", "1.3b") for kind in ("linear", "mlp")
 )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What each field accepts
+# ----------------------------------------------------------------------------------------------------------------
+#
+# `@strict` cannot check these fields: with `from __future__ import annotations` (here and in transformers) the
+# annotations are strings, which huggingface_hub's validators skip. So every field is checked here, by name, when it
+# is set (at construction, by `from_pretrained(..., field=value)`, or later) and again by `check_ttt_fields`. JSON
+# spells what Python would coerce silently: `"false"` is a true value, `1.5` is not a group size, so the rules take
+# types literally (a bool field takes only True/False; an int field neither a bool nor a float such as 2.0).
+
+
+@dataclass(frozen=True)
+class FieldRule:
+    """The values one config field accepts: `allows(value)`, and `allowed`, the end of "TTTConfig.x must be ..."."""
+
+    allows: Callable[[Any], bool]
+    allowed: str
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_token_id(value) -> bool:
+    return _is_int(value) and value >= 0
+
+
+def boolean(optional: bool = False) -> FieldRule:
+    if optional:
+        return FieldRule(lambda value: value is None or isinstance(value, bool), "true, false or null (not a string)")
+    return FieldRule(lambda value: isinstance(value, bool), "true or false (a boolean, not a string or a number)")
+
+
+def integer(minimum: int, note: str = "") -> FieldRule:
+    return FieldRule(lambda value: _is_int(value) and value >= minimum, f"an integer >= {minimum}{note}")
+
+
+def positive_number() -> FieldRule:
+    """A finite float > 0, or an int (a whole number written without a decimal point); not a bool or a string."""
+
+    def allows(value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        try:
+            return value > 0 and math.isfinite(value)
+        except OverflowError:  # an int too large for a float
+            return False
+
+    return FieldRule(allows, "a finite number > 0")
+
+
+def one_of(choices: tuple[str, ...]) -> FieldRule:
+    return FieldRule(lambda value: isinstance(value, str) and value in choices, f"one of {choices}")
+
+
+def token_id() -> FieldRule:
+    return FieldRule(lambda value: value is None or _is_token_id(value), "null or a token id (an integer >= 0)")
+
+
+def token_ids() -> FieldRule:
+    """`eos_token_id`: generation stops at any of several tokens."""
+
+    def allows(value) -> bool:
+        if isinstance(value, (list, tuple)):
+            return len(value) > 0 and all(_is_token_id(v) for v in value)
+        return value is None or _is_token_id(value)
+
+    return FieldRule(allows, "null, a token id (an integer >= 0) or a non-empty list of token ids")
+
+
+FIELD_RULES: dict[str, FieldRule] = {
+    "vocab_size": integer(1),
+    "hidden_size": integer(1),
+    "intermediate_size": integer(1),
+    "num_hidden_layers": integer(1),
+    "num_attention_heads": integer(1),
+    "hidden_act": one_of(tuple(sorted(ACT2FN))),
+    "max_position_embeddings": integer(1),
+    "initializer_range": positive_number(),
+    "rms_norm_eps": positive_number(),
+    "rope_theta": positive_number(),
+    "tie_word_embeddings": boolean(),
+    "use_cache": boolean(),
+    "pad_token_id": token_id(),
+    "bos_token_id": token_id(),
+    "eos_token_id": token_ids(),
+    "ttt_layer_type": one_of(TTT_LAYER_TYPES),
+    "mini_batch_size": integer(1),
+    "ttt_base_lr": positive_number(),
+    "pre_conv": boolean(),
+    "conv_kernel": integer(1),
+    "share_qk": boolean(),
+    "use_gate": boolean(),
+    "scan_checkpoint_group_size": integer(0, " (0 disables)"),
+    "ttt_impl": one_of(TTT_IMPLEMENTATIONS),
+    # Fields of `PreTrainedConfig` that the model or `generate()` reads.
+    "output_hidden_states": boolean(optional=True),
+    "return_dict": boolean(optional=True),
+    "is_encoder_decoder": boolean(),
+}
+
+# Token ids that must name a row of the embedding (`pad_token_id` is its padding row) or a token `generate()` can
+# produce (an `eos_token_id` outside the vocabulary never ends a generation).
+TOKEN_ID_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+
+
+def check_field(name: str, value) -> None:
+    """Raise `ValueError` naming the field, the value given and what is allowed if `value` is not allowed."""
+    rule = FIELD_RULES[name]
+    if not rule.allows(value):
+        raise ValueError(f"TTTConfig.{name} must be {rule.allowed}, got {value!r} ({type(value).__name__}).")
 
 
 @strict
@@ -90,6 +208,13 @@ class TTTConfig(PreTrainedConfig):
     scan_checkpoint_group_size: int = 0
     ttt_impl: str = "auto"
 
+    def __setattr__(self, name, value):
+        # Every assignment of a field is checked: by the generated `__init__`, by `from_pretrained(..., name=value)`
+        # (which sets it after construction) and by users.
+        if name in FIELD_RULES:
+            check_field(name, value)
+        super().__setattr__(name, value)
+
     def __post_init__(self, **kwargs):
         # Our checks run first so that a wrong value is a plain `ValueError` naming the field (the `@strict`
         # validators would wrap it in huggingface_hub's own exception type).
@@ -102,13 +227,10 @@ class TTTConfig(PreTrainedConfig):
         self.check_ttt_fields()
 
     def check_ttt_fields(self):
-        """Raise `ValueError` naming the field and the allowed values for any wrong setting."""
-        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "mini_batch_size", "conv_kernel")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TTTConfig.{name} must be an integer >= 1, got {value!r}.")
+        """Raise `ValueError` naming the field, the value and the allowed values for any wrong setting: each field
+        against its rule in `FIELD_RULES`, then the rules that involve several fields."""
+        for name in FIELD_RULES:
+            check_field(name, getattr(self, name))
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"TTTConfig.hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
@@ -119,24 +241,22 @@ class TTTConfig(PreTrainedConfig):
                 f"TTTConfig head_dim = hidden_size // num_attention_heads = "
                 f"{self.hidden_size // self.num_attention_heads} must be even (RoPE rotates pairs)."
             )
-        if self.ttt_layer_type not in TTT_LAYER_TYPES:
-            raise ValueError(
-                f"TTTConfig.ttt_layer_type must be one of {TTT_LAYER_TYPES}, got {self.ttt_layer_type!r}."
-            )
-        if self.ttt_impl not in TTT_IMPLEMENTATIONS:
-            raise ValueError(f"TTTConfig.ttt_impl must be one of {TTT_IMPLEMENTATIONS}, got {self.ttt_impl!r}.")
-        for name in ("ttt_base_lr", "initializer_range", "rms_norm_eps", "rope_theta"):
+        for name in TOKEN_ID_FIELDS:
             value = getattr(self, name)
-            if not value > 0:
-                raise ValueError(f"TTTConfig.{name} must be > 0, got {value!r}.")
-        if self.scan_checkpoint_group_size < 0:
-            raise ValueError(
-                f"TTTConfig.scan_checkpoint_group_size must be >= 0 (0 disables), got {self.scan_checkpoint_group_size}."
-            )
-        from transformers.activations import ACT2FN
+            ids = value if isinstance(value, (list, tuple)) else [value]
+            if any(token is not None and token >= self.vocab_size for token in ids):
+                raise ValueError(
+                    f"TTTConfig.{name} must be a token id < vocab_size ({self.vocab_size}), got {value!r}."
+                )
 
-        if self.hidden_act not in ACT2FN:
-            raise ValueError(f"TTTConfig.hidden_act {self.hidden_act!r} is unknown; allowed: {sorted(ACT2FN)}.")
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """`PreTrainedConfig.from_dict`, then the checks again: `from_pretrained(..., name=value)` sets fields after
+        construction, one at a time (each checked by `__setattr__`), so the rules between fields are checked here."""
+        result = super().from_dict(config_dict, **kwargs)
+        config = result[0] if isinstance(result, tuple) else result
+        config.check_ttt_fields()
+        return result
 
     @property
     def head_dim(self) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -216,6 +218,51 @@ class TTTPreTrainedModel(PreTrainedModel):
     _is_stateful = True  # generate() then refuses assisted / prompt-lookup decoding
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, allow_missing_ttt_weights: bool = False,
+                        allow_unexpected_ttt_weights: bool = False, **kwargs):
+        r"""
+        [`PreTrainedModel.from_pretrained`], refusing a checkpoint that does not fit the model its config describes.
+
+        transformers initialises a weight missing from the checkpoint at random and drops a tensor the model has no
+        place for, and only logs a report. For a TTT model that is a different model without a sign (`use_gate`
+        true in config.json for a checkpoint without `g_proj` gives random gates), so here either is a `ValueError`
+        naming the keys, unless allowed:
+
+        allow_missing_ttt_weights (`bool`, *optional*, defaults to `False`):
+            Load even if weights are missing from the checkpoint; they are initialised at random (e.g. to train them).
+        allow_unexpected_ttt_weights (`bool`, *optional*, defaults to `False`):
+            Load even if the checkpoint holds tensors the model does not use; they are ignored.
+
+        Tied weights (`lm_head.weight` with `tie_word_embeddings`) and the non-persistent buffers (`token_idx`,
+        `rope_rotation`, computed from the config) are never missing. A size mismatch stays transformers' error,
+        which `ignore_mismatched_sizes=True` turns into a random initialisation. `output_loading_info=True` returns
+        the report (`missing_keys`, `unexpected_keys`, ...) with the model, as usual.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        problems, switches = [], []
+        if loading_info["missing_keys"] and not allow_missing_ttt_weights:
+            problems.append("Missing from the checkpoint (the model would initialise them at random): "
+                            f"{_key_list(loading_info['missing_keys'])}.")
+            switches.append("`allow_missing_ttt_weights=True` (random weights)")
+        if loading_info["unexpected_keys"] and not allow_unexpected_ttt_weights:
+            problems.append("In the checkpoint but not used by the model (they would be ignored): "
+                            f"{_key_list(loading_info['unexpected_keys'])}.")
+            switches.append("`allow_unexpected_ttt_weights=True` (tensors ignored)")
+        if problems:
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained({str(pretrained_model_name_or_path)!r}): the checkpoint does not fit "
+                f"the model its config describes. {' '.join(problems)} Check that the config matches the checkpoint "
+                "(pre_conv, share_qk, use_gate, ttt_layer_type, tie_word_embeddings, num_hidden_layers), or pass "
+                f"{' and '.join(switches)} to load it anyway."
+            )
+        if output_loading_info:
+            return model, loading_info
+        return model
+
+    @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         # A DynamicCache would be reordered by beam search instead of our state: we build TTTCache ourselves.
         return False
@@ -249,6 +296,9 @@ class TTTPreTrainedModel(PreTrainedModel):
 
 
 class TTTModel(TTTPreTrainedModel):
+    # The base model loads from a `TTTForCausalLM` checkpoint without its head (as `AutoModel` does).
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\.weight$"]
+
     def __init__(self, config: TTTConfig):
         super().__init__(config)
         self._fused_decode_plan = None  # see fused_decode_plan
@@ -478,6 +528,46 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             **output_fields(cache_of(outputs)),
         )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _key_list(keys) -> str:
+    """Checkpoint keys for an error message, sorted, each name that recurs in several layers written once with the
+    layer numbers: `model.layers.{0-11}.seq_modeling_block.g_proj.weight`."""
+    layers_of: dict[tuple[str, str], list[int]] = {}
+    for key in keys:
+        match = re.fullmatch(r"(.*\blayers\.)(\d+)(\..+)", key)
+        if match is None:
+            layers_of[(key, "")] = []
+        else:
+            layers_of.setdefault((match[1], match[3]), []).append(int(match[2]))
+    names = []
+    for (start, end), layers in sorted(layers_of.items()):
+        if not layers:
+            names.append(start)
+        elif len(layers) == 1:
+            names.append(f"{start}{layers[0]}{end}")
+        else:
+            names.append(f"{start}{{{_number_ranges(sorted(layers))}}}{end}")
+    return ", ".join(names)
+
+
+def _number_ranges(numbers: list[int]) -> str:
+    """`[0, 1, 2, 3, 5, 6]` -> `"0-3, 5, 6"`."""
+    runs = []
+    for number in numbers:
+        if runs and number == runs[-1][1] + 1:
+            runs[-1][1] = number
+        else:
+            runs.append([number, number])
+    parts = []
+    for first, last in runs:
+        parts += [f"{first}-{last}"] if last - first >= 2 else [str(n) for n in range(first, last + 1)]
+    return ", ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------------------------
