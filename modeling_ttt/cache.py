@@ -73,6 +73,11 @@ class TTTCache(Cache):
                 " Use a new cache, or `batch_select_indices` / `batch_repeat_interleave` to reshape it."
             )
 
+    def advance(self, batch_size: int, num_positions: int) -> None:
+        """After a forward of `num_positions` columns over `batch_size` rows (the layers have stored their states)."""
+        self.num_rows = batch_size
+        self.num_positions += num_positions
+
     @property
     def is_initialized(self) -> bool:
         return self.layers[0].inner_state is not None

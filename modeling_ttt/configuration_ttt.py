@@ -19,8 +19,9 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
+from .ops import TTT_IMPLEMENTATIONS
+
 TTT_LAYER_TYPES = ("linear", "mlp")
-TTT_IMPLEMENTATIONS = ("torch", "triton", "cpp", "auto")
 
 # Presets shipped as JSON under `configuration/` (paper Table 5 sizes).
 PRESET_NAMES = tuple(

@@ -16,30 +16,23 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .configuration_ttt import TTTConfig
-from .ops import InnerState, cpp_kernels_apply, get_ttt_ops
-from .ops.cpu import state_after as cpu_state_after
-from .ops.reference import LAYER_NORM_EPS
+from .ops import InnerState, get_ttt_ops
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6, config: TTTConfig | None = None):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
-        self.config = config  # its ttt_impl: "cpp" (or "auto" on the CPU) decodes with a C++ kernel (no autograd)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # x · rsqrt(mean(x²) + eps) in float32, then the weight in the input dtype (fused kernels)
+        # x · rsqrt(mean(x²) + eps) in at least float32, then the weight in the input dtype (fused kernels)
         input_dtype = hidden_states.dtype
         shape = (hidden_states.shape[-1],)
-        if (self.config is not None and hidden_states.dim() == 3 and hidden_states.shape[1] == 1
-                and input_dtype == self.weight.dtype
-                and cpp_kernels_apply(self.config.ttt_impl, hidden_states, self.weight)):
-            # Decoding: ATen's CPU rms_norm is a chain of ~10 small kernels, this is one (3 per layer and token)
-            return torch.ops.modeling_ttt_cpu.rms_norm(hidden_states, self.weight, self.variance_epsilon)
-        if input_dtype == torch.float32 and self.weight.dtype == torch.float32:
+        if input_dtype == self.weight.dtype and input_dtype in (torch.float32, torch.float64):
             return F.rms_norm(hidden_states, shape, self.weight, eps=self.variance_epsilon)
-        normed = F.rms_norm(hidden_states.to(torch.float32), shape, eps=self.variance_epsilon)
+        normed = F.rms_norm(hidden_states.to(torch.promote_types(input_dtype, torch.float32)), shape,
+                            eps=self.variance_epsilon)
         return self.weight * normed.to(input_dtype)
 
 
@@ -61,15 +54,13 @@ def causal_depthwise_conv(
     biases: torch.Tensor,
     state: torch.Tensor | None,
     num_tokens: torch.Tensor | None,
-    impl: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`n` causal depthwise convs of the same input `x` `[B, T, C]` at once, continuing from `state` `[B, K-1, C]`
     (the last `K-1` inputs seen; zeros for a fresh sequence, which equals flax's CAUSAL padding).
 
     kernels: `[n, C, K]`; biases: `[n, C]` (the Mamba backbone's `conv_q` and `conv_k` read the same projection,
     so they share one state and one pass). Returns the outputs `[B, T, n, C]` and the new state: the last `K-1`
-    *real* inputs of each row, so that right padding (`num_tokens`) never enters the state. `impl` is the config's
-    `ttt_impl`: when it resolves to "cpp", a decoding step without autograd runs as one C++ kernel.
+    *real* inputs of each row, so that right padding (`num_tokens`) never enters the state.
     """
     batch, seq_len, channels = x.shape
     width = kernels.shape[-1]
@@ -78,8 +69,6 @@ def causal_depthwise_conv(
     # Work in [B, T, C] (no transposes): y_t = bias + Σ_k w_k · x_{t-K+1+k}, K shifted multiply-adds.
     extended = torch.cat([state if state.dtype == x.dtype else state.to(x.dtype), x], dim=1)  # [B, K-1+T, C]
     taps = kernels.permute(2, 0, 1)  # [K, n, C]
-    if seq_len == 1 and num_tokens is None and cpp_kernels_apply(impl, x, state, kernels, biases):
-        return tuple(torch.ops.modeling_ttt_cpu.conv_step(x, state, kernels, biases))
     if seq_len == 1 and num_tokens is None:  # decoding: one window, one product and one sum
         y = torch.sum(extended.unsqueeze(2) * taps, dim=1, keepdim=True) + biases
         return y, extended[:, 1:]
@@ -106,14 +95,14 @@ class TTTConvBlock(nn.Module):
     def __init__(self, config: TTTConfig):
         super().__init__()
         self.config = config
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, config=config)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.conv = nn.Conv1d(config.hidden_size, config.hidden_size, kernel_size=config.conv_kernel,
                               groups=config.hidden_size, bias=True)
 
     def forward(self, hidden_states, layer_state=None, num_tokens=None):
         state = layer_state.conv_states.get("pre_conv") if layer_state is not None else None
         out, new_state = causal_depthwise_conv(self.norm(hidden_states), *_conv_parameters(self.conv), state,
-                                               num_tokens, self.config.ttt_impl)
+                                               num_tokens)
         if layer_state is not None:
             layer_state.conv_states["pre_conv"] = new_state
         return out.squeeze(2)
@@ -143,7 +132,7 @@ class TTTLayerBase(nn.Module):
     """Everything of a TTT layer except the inner model (Sec. 2 of the paper)."""
 
     inner_weight_names: tuple[str, ...] = ()
-    fused_decode_step = None  # a subclass's one-token decoding step as one C++ kernel (CPU, no autograd)
+    layer_type: str = ""  # "linear" or "mlp": which inner-loop op the layer calls
 
     def __init__(self, config: TTTConfig, layer_idx: int):
         super().__init__()
@@ -237,15 +226,12 @@ class TTTLayerBase(nn.Module):
         # One projection, told apart by conv_q and conv_k; both convs read it, so they share one state.
         conv_states = layer_state.conv_states if layer_state is not None else {}
         qk, conv_states["qk"] = causal_depthwise_conv(self.q_proj(x), *self.qk_conv_parameters(),
-                                                      conv_states.get("qk"), num_tokens, self.config.ttt_impl)
+                                                      conv_states.get("qk"), num_tokens)
         return qk
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, C] -> [B, H, T, d]"""
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
-
-    def run_inner_loop(self, xq, xk, xv, inner_lr, state, num_tokens):
-        raise NotImplementedError
 
     def checkpoint_group(self) -> int:
         """Mini-batches per recomputation group in backward (training only)."""
@@ -253,13 +239,13 @@ class TTTLayerBase(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------------------
 
-    def forward(self, hidden_states: torch.Tensor, layer_state=None, num_tokens: torch.Tensor | None = None):
-        """hidden_states: `[B, T, C]`, right-padded when `num_tokens` (`[B]`) is given."""
+    def forward(self, hidden_states: torch.Tensor, layer_state=None, num_tokens: torch.Tensor | None = None,
+                inner_loop=None):
+        """hidden_states: `[B, T, C]`, right-padded when `num_tokens` (`[B]`) is given. `inner_loop` is the op of
+        the model's backend for this forward (`modeling_ttt.ops.get_backend`); by default the one `ttt_impl` gives."""
         batch, seq_len, _ = hidden_states.shape
-        if (seq_len == 1 and num_tokens is None and self.fused_decode_step is not None and layer_state is not None
-                and layer_state.inner_state is not None and not torch.is_grad_enabled()
-                and cpp_kernels_apply(self.config.ttt_impl, hidden_states)):
-            return self.fused_decode_step(hidden_states, layer_state)
+        if inner_loop is None:
+            inner_loop = get_ttt_ops(self.config.ttt_impl, self.layer_type, hidden_states.device, self.head_dim)
         if layer_state is not None and layer_state.inner_state is not None:
             state = layer_state.inner_state
         else:
@@ -282,7 +268,8 @@ class TTTLayerBase(nn.Module):
             real = torch.arange(seq_len, device=hidden_states.device).unsqueeze(0) < num_tokens.unsqueeze(1)
             inner_lr = inner_lr.masked_fill(~real.unsqueeze(1), 0.0)
 
-        out, new_state = self.run_inner_loop(xq, xk, xv, inner_lr, state, num_tokens)
+        out, new_state = inner_loop(xq, xk, xv, inner_lr, self.token_scale(), self.ttt_norm_weight, self.ttt_norm_bias,
+                                    state, num_tokens, self.checkpoint_group())
         if layer_state is not None:
             layer_state.inner_state = new_state
 
@@ -296,59 +283,20 @@ class TTTLinear(TTTLayerBase):
     """TTT-Linear: the inner model is `x W1 + b1` per head."""
 
     inner_weight_names = ("W1", "b1")
-
-    def fused_decode_step(self, hidden_states: torch.Tensor, layer_state) -> torch.Tensor:
-        """`forward` for one token per row continuing `layer_state`, without autograd, on the CPU: the projections
-        here, everything between them in one C++ kernel (`modeling_ttt.ops.cpu`, same results)."""
-        state, empty = layer_state.inner_state, hidden_states.new_empty(0)
-        lr_logits = F.linear(hidden_states, self.learnable_ttt_lr_weight.view(self.num_heads, self.hidden_size),
-                             self.learnable_ttt_lr_bias.view(self.num_heads))
-        outputs = torch.ops.modeling_ttt_cpu.ttt_linear_decode_layer(
-            self.q_proj(hidden_states), empty if self.share_qk else self.k_proj(hidden_states),
-            self.v_proj(hidden_states), self.g_proj(hidden_states) if self.use_gate else empty, lr_logits,
-            *self.qk_decode_inputs(hidden_states, layer_state), *self.decode_parameters(), *state.weights,
-            *state.grads, state.seen, *self.decode_constants())
-        if self.share_qk:
-            layer_state.conv_states["qk"] = outputs[1]
-        layer_state.inner_state = cpu_state_after(state, outputs[2:])
-        return self.o_proj(outputs[0])
-
-    # -- what the C++ decoding kernels take (shared by this layer's and TTTBlock's fused steps) --------------------
-
-    def qk_decode_inputs(self, hidden_states: torch.Tensor, layer_state) -> tuple[torch.Tensor, ...]:
-        """(conv state (None for a fresh sequence), kernels, biases) of the Q/K convs; empty tensors without them
-        (separate k_proj)."""
-        if not self.share_qk:
-            empty = hidden_states.new_empty(0)
-            return empty, empty, empty
-        return layer_state.conv_states.get("qk"), *self.qk_conv_parameters()
-
-    def decode_parameters(self) -> tuple[torch.Tensor, ...]:
-        """(RoPE table, token_idx, learnable_token_idx, inner LayerNorm weight and bias, post-norm weight and bias).
-        Read from the module dicts: decoding asks for them every token, and `nn.Module.__getattr__` costs ~1.5 µs."""
-        buffers, params, post_norm = self._buffers, self._parameters, self._modules["post_norm"]._parameters
-        return (buffers["rope_rotation"], buffers["token_idx"], params["learnable_token_idx"],
-                params["ttt_norm_weight"], params["ttt_norm_bias"], post_norm["weight"], post_norm["bias"])
-
-    def decode_constants(self) -> tuple[float, ...]:
-        """(inner learning-rate scale η_base/d, inner LayerNorm eps, post-norm eps)."""
-        return self.config.ttt_base_lr / self.head_dim, LAYER_NORM_EPS, self._modules["post_norm"].eps
+    layer_type = "linear"
 
     def __init__(self, config: TTTConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.W1 = nn.Parameter(torch.empty(self.num_heads, self.head_dim, self.head_dim))
         self.b1 = nn.Parameter(torch.zeros(self.num_heads, 1, self.head_dim))
 
-    def run_inner_loop(self, xq, xk, xv, inner_lr, state, num_tokens):
-        ttt_linear = get_ttt_ops(self.config.ttt_impl, "linear", xq.device, self.head_dim)
-        return ttt_linear(xq, xk, xv, inner_lr, self.token_scale(), self.ttt_norm_weight, self.ttt_norm_bias, state,
-                          num_tokens, self.checkpoint_group())
 
 
 class TTTMLP(TTTLayerBase):
     """TTT-MLP: the inner model is `gelu(x W1 + b1) W2 + b2` per head, hidden width `4 d`."""
 
     inner_weight_names = ("W1", "b1", "W2", "b2")
+    layer_type = "mlp"
 
     def __init__(self, config: TTTConfig, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -357,11 +305,6 @@ class TTTMLP(TTTLayerBase):
         self.b1 = nn.Parameter(torch.zeros(self.num_heads, 1, hidden))
         self.W2 = nn.Parameter(torch.empty(self.num_heads, hidden, self.head_dim))
         self.b2 = nn.Parameter(torch.zeros(self.num_heads, 1, self.head_dim))
-
-    def run_inner_loop(self, xq, xk, xv, inner_lr, state, num_tokens):
-        ttt_mlp = get_ttt_ops(self.config.ttt_impl, "mlp", xq.device, self.head_dim)
-        return ttt_mlp(xq, xk, xv, inner_lr, self.token_scale(), self.ttt_norm_weight, self.ttt_norm_bias, state,
-                       num_tokens, self.checkpoint_group())
 
 
 TTT_LAYER_CLASSES = {"linear": TTTLinear, "mlp": TTTMLP}

@@ -6,10 +6,8 @@ import re
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.activations import SiLUActivation
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
@@ -18,8 +16,8 @@ from transformers.utils import can_return_tuple, logging
 from .cache import TTTCache
 from .compat import CACHE_NAME, cache_of, output_fields, resolve_cache
 from .configuration_ttt import TTTConfig
-from .layers import TTT_LAYER_CLASSES, RMSNorm, SwiGLUMLP, TTTConvBlock, TTTLayerBase, TTTLinear
-from .ops import InnerState, cpp_kernels_apply
+from .layers import TTT_LAYER_CLASSES, RMSNorm, SwiGLUMLP, TTTConvBlock, TTTLayerBase
+from .ops import get_backend
 
 logger = logging.get_logger(__name__)
 
@@ -34,179 +32,21 @@ class TTTBlock(GradientCheckpointingLayer):
         self.pre_conv = config.pre_conv
         if self.pre_conv:
             self.conv = TTTConvBlock(config)
-        self.seq_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, config=config)
+        self.seq_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.seq_modeling_block = TTT_LAYER_CLASSES[config.ttt_layer_type](config, layer_idx)
-        self.ffn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, config=config)
+        self.ffn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = SwiGLUMLP(config)
 
-    def forward(self, hidden_states: torch.Tensor, num_tokens: torch.Tensor | None = None, layer_state=None):
-        """`layer_state` is this block's `TTTCacheLayer` (read, then overwritten with the new state), or None."""
-        if (hidden_states.shape[1] == 1 and num_tokens is None and layer_state is not None
-                and layer_state.inner_state is not None):
-            arguments = self.fused_decode_arguments(hidden_states)
-            if arguments is not None:
-                return self.fused_decode_step(hidden_states, layer_state, arguments)
+    def forward(self, hidden_states: torch.Tensor, num_tokens: torch.Tensor | None = None, layer_state=None,
+                inner_loop=None):
+        """`layer_state` is this block's `TTTCacheLayer` (read, then overwritten with the new state), or None;
+        `inner_loop` the backend's op for this forward (see `TTTLayerBase.forward`)."""
         if self.pre_conv:
             hidden_states = hidden_states + self.conv(hidden_states, layer_state, num_tokens)
         residual = hidden_states
-        hidden_states = self.seq_modeling_block(self.seq_norm(hidden_states), layer_state, num_tokens)
+        hidden_states = self.seq_modeling_block(self.seq_norm(hidden_states), layer_state, num_tokens, inner_loop)
         hidden_states = residual + hidden_states
         return hidden_states + self.mlp(self.ffn_norm(hidden_states))
-
-    def fused_decode_arguments(self, hidden_states: torch.Tensor) -> list[torch.Tensor] | None:
-        """This block's `params` of the C++ kernel (`ttt_linear_decode_blocks`, order `BlockParam` in
-        `ops/cpu/ttt_decode.cpp`) when this one-token step may run as that one kernel, else `None`: it needs no
-        autograd, the C++ kernels to apply (`ttt_impl`), TTT-Linear with a SiLU MLP, and every submodule to be the
-        plain module the kernel reimplements, without hooks (a PEFT adapter, a quantized linear or a hook keeps the
-        module-by-module path). Runs for every block and token: direct dict reads, no tensor ops."""
-        if torch.is_grad_enabled() or not cpp_kernels_apply(self.config.ttt_impl, hidden_states):
-            return None
-        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-            return None
-        modules = self._modules
-        layer, mlp = modules["seq_modeling_block"], modules["mlp"]
-        seq_norm, ffn_norm = modules["seq_norm"], modules["ffn_norm"]
-        if not (_plain(self, TTTBlock) and _plain(layer, TTTLinear) and _plain(mlp, SwiGLUMLP)
-                and _plain(seq_norm, RMSNorm) and _plain(ffn_norm, RMSNorm)
-                and seq_norm.variance_epsilon == ffn_norm.variance_epsilon):
-            return None
-        parts, ffn = layer._modules, mlp._modules
-        if not (_plain(ffn["act_fn"], SiLUActivation) and _plain(parts["post_norm"], nn.LayerNorm)):
-            return None
-        empty = hidden_states.new_empty(0)
-        if self.pre_conv:
-            conv_block = modules["conv"]
-            conv_norm = conv_block._modules["norm"]
-            if not (_plain(conv_block, TTTConvBlock) and _plain(conv_norm, RMSNorm)
-                    and conv_norm.variance_epsilon == seq_norm.variance_epsilon):
-                return None
-            arguments = [conv_norm._parameters["weight"], *_plain_conv(conv_block._modules["conv"])]
-        else:
-            arguments = [empty, empty, empty]
-        share_qk = layer.share_qk
-        arguments += [seq_norm._parameters["weight"], _plain_weight(parts["q_proj"]),
-                      empty if share_qk else _plain_weight(parts["k_proj"]), _plain_weight(parts["v_proj"]),
-                      _plain_weight(parts["g_proj"]) if layer.use_gate else empty, _plain_weight(parts["o_proj"])]
-        arguments += [layer._parameters["learnable_ttt_lr_weight"], layer._parameters["learnable_ttt_lr_bias"]]
-        if share_qk:
-            arguments += [*_plain_conv(parts["conv_q"]), *_plain_conv(parts["conv_k"])]
-        else:
-            arguments += [empty] * 4
-        arguments += layer.decode_parameters()
-        mlp_weights = [_plain_weight(ffn["gate_proj"]), _plain_weight(ffn["up_proj"]), _plain_weight(ffn["down_proj"])]
-        arguments += [ffn_norm._parameters["weight"], *mlp_weights]
-        if any(argument is None for argument in arguments) or mlp_weights[0].dtype != hidden_states.dtype:
-            return None
-        return arguments
-
-    def fused_decode_step(self, hidden_states: torch.Tensor, layer_state, arguments: list[torch.Tensor]):
-        """`forward` for one token per row as one C++ kernel (`modeling_ttt.ops.cpu`), given
-        `fused_decode_arguments`: the same arithmetic as the modules (tests/test_ops_cpu.py), without ~15 module
-        calls and ~25 kernel launches per block. (The kernel of `FusedDecodePlan`, for this block alone.)"""
-        return _decode_blocks(hidden_states, arguments, [layer_state], self.decode_constants(), self.pre_conv,
-                              self.seq_modeling_block.share_qk)
-
-    def decode_constants(self) -> list[float]:
-        """(inner learning-rate scale, inner LayerNorm eps, post-norm eps, RMSNorm eps) for the C++ kernel."""
-        return [*self.seq_modeling_block.decode_constants(), self.seq_norm.variance_epsilon]
-
-
-def _decode_blocks(hidden_states, params, layer_states, constants, pre_conv: bool, share_qk: bool) -> torch.Tensor:
-    """Run `ttt_linear_decode_blocks` over consecutive blocks (their kernel `params` and cache layers) and store each
-    layer's new state in the cache."""
-    conv_states, inner_states = [], []
-    for layer_state in layer_states:
-        state, convs = layer_state.inner_state, layer_state.conv_states
-        conv_states += (convs.get("pre_conv"), convs.get("qk"))
-        inner_states += (*state.weights, *state.grads, state.seen)
-    outputs = torch.ops.modeling_ttt_cpu.ttt_linear_decode_blocks(hidden_states, params, conv_states, inner_states,
-                                                                   constants)
-    for i, layer_state in enumerate(layer_states):
-        pre_conv_state, qk_state, w, b, g_w, g_b, seen = outputs[1 + 7 * i : 8 + 7 * i]
-        layer_state.inner_state = InnerState((w, b), (g_w, g_b), seen)
-        if pre_conv:
-            layer_state.conv_states["pre_conv"] = pre_conv_state
-        if share_qk:
-            layer_state.conv_states["qk"] = qk_state
-    return outputs[0]
-
-
-def _plain(module: nn.Module, cls: type) -> bool:
-    """`module` is exactly a `cls` (not a subclass such as an adapter), has no forward hooks and its `forward` is
-    not replaced on the instance (as accelerate's hooks do)."""
-    return (type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
-            and "forward" not in module.__dict__)
-
-
-def _plain_weight(linear: nn.Module) -> torch.Tensor | None:
-    """The weight of a plain bias-free `nn.Linear`, else None."""
-    if not _plain(linear, nn.Linear) or linear._parameters["bias"] is not None:
-        return None
-    return linear._parameters["weight"]
-
-
-def _plain_conv(conv: nn.Module) -> list[torch.Tensor | None]:
-    """[weight, bias] of a plain `nn.Conv1d` with a bias, else [None]."""
-    if not _plain(conv, nn.Conv1d) or conv._parameters["bias"] is None:
-        return [None]
-    return [conv._parameters["weight"], conv._parameters["bias"]]
-
-
-class FusedDecodePlan:
-    """A one-token decoding step through every block of a `TTTModel` as one C++ call (`ttt_linear_decode_blocks`,
-    no Python between blocks: when decoding a large model on the CPU, the interpreter runs with caches that the
-    weights have just flushed, and each block's Python costs ~0.15 ms).
-
-    The kernel parameters are gathered once (`TTTBlock.fused_decode_arguments` of every block, as the modules store
-    them, so in-place updates and `.to()` are seen). The plan stays current while (`is_current`, every step) no hook
-    has been registered anywhere since it was built, and every submodule, parameter, buffer, `forward` override and
-    norm epsilon under the blocks is still the object it was; otherwise the model builds a new one."""
-
-    _ATTRIBUTES = ("forward", "pre_conv", "share_qk", "use_gate", "variance_epsilon", "eps")
-
-    def __init__(self, params, checks, dtype, first_block: TTTBlock):
-        self.params, self.checks, self.dtype, self.first_block = params, checks, dtype, first_block
-        self.hook_count = _hook_count()
-
-    @classmethod
-    def build(cls, model: TTTModel, hidden_states: torch.Tensor) -> FusedDecodePlan | None:
-        params = []
-        for block in model.layers:
-            arguments = block.fused_decode_arguments(hidden_states)
-            if arguments is None:
-                return None
-            params += arguments
-        if len({(block.pre_conv, block.seq_modeling_block.share_qk, *block.decode_constants())
-                for block in model.layers}) != 1:
-            return None  # the kernel takes one set of constants and conv layout for all blocks
-        checks = [(model._modules, "layers", model.layers)]
-        for module in model.layers.modules():
-            # (an attribute absent at build time is one the kernel does not read there; `forward` may be added)
-            checks += [(module.__dict__, name, module.__dict__.get(name)) for name in cls._ATTRIBUTES
-                       if name == "forward" or name in module.__dict__]
-            for members in (module._modules, module._parameters, module._buffers):
-                checks += [(members, name, member) for name, member in members.items()]
-        return cls(params, checks, hidden_states.dtype, model.layers[0])
-
-    def is_current(self, hidden_states: torch.Tensor) -> bool:
-        hook_count = _hook_count()
-        if hook_count is None or hook_count != self.hook_count:
-            return False  # (without the counter, a plan is never reused: correct, at the per-block cost)
-        if hidden_states.dtype != self.dtype or self.params[-1].dtype != self.dtype:
-            return False
-        return all(members.get(name) is member for members, name, member in self.checks)
-
-    def step(self, hidden_states: torch.Tensor, cache: TTTCache) -> torch.Tensor:
-        """Every block's one-token step (hidden states `[B, 1, C]` in and out), the cache's state updated."""
-        first = self.first_block
-        return _decode_blocks(hidden_states, self.params, cache.layers, first.decode_constants(), first.pre_conv,
-                              first.seq_modeling_block.share_qk)
-
-
-def _hook_count() -> int | None:
-    """How many hooks torch has ever registered (any module, tensor or global hook takes a `RemovableHandle`), or
-    None if this torch does not count them."""
-    return getattr(RemovableHandle, "next_id", None)
 
 
 class TTTPreTrainedModel(PreTrainedModel):
@@ -301,11 +141,10 @@ class TTTModel(TTTPreTrainedModel):
 
     def __init__(self, config: TTTConfig):
         super().__init__(config)
-        self._fused_decode_plan = None  # see fused_decode_plan
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([TTTBlock(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, config=config)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -313,20 +152,6 @@ class TTTModel(TTTPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.embed_tokens = value
-
-    def fused_decode_plan(self, hidden_states: torch.Tensor, cache: TTTCache) -> FusedDecodePlan | None:
-        """The plan that runs a one-token step through all blocks as one C++ call, or None when that step must go
-        block by block (autograd, no C++ kernels, a fresh cache, or a block that is not the plain TTT-Linear block
-        the kernel reimplements, see `TTTBlock.fused_decode_arguments`). Kept between steps while it is current."""
-        if (torch.is_grad_enabled() or not cache.is_initialized
-                or not cpp_kernels_apply(self.config.ttt_impl, hidden_states)):
-            return None
-        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-            return None
-        plan = self._fused_decode_plan
-        if plan is None or not plan.is_current(hidden_states):
-            plan = self._fused_decode_plan = FusedDecodePlan.build(self, hidden_states)
-        return plan
 
     @can_return_tuple
     def forward(
@@ -389,24 +214,28 @@ class TTTModel(TTTPreTrainedModel):
                                 from_generate)
         hidden_states = inputs_embeds if order is None else _gather_rows(inputs_embeds, order, num_tokens)
 
+        # The backend (inner-loop op, and maybe a one-call step through all blocks) is decided once per forward.
+        backend = get_backend(self.config.ttt_impl, self.config.ttt_layer_type, hidden_states.device,
+                              self.config.head_dim)
+        stepped = None
+        if (backend.model_step is not None and seq_len == 1 and order is None and not output_hidden_states
+                and cache is not None):
+            stepped = backend.model_step(self, hidden_states, cache)  # None where it cannot run
         all_hidden_states = () if output_hidden_states else None
-        plan = None
-        if seq_len == 1 and order is None and not output_hidden_states and cache is not None:
-            plan = self.fused_decode_plan(hidden_states, cache)
-        if plan is not None:
-            hidden_states = plan.step(hidden_states, cache)
-        for i, block in enumerate(self.layers if plan is None else ()):
+        if stepped is not None:
+            hidden_states = stepped
+        for i, block in enumerate(self.layers if stepped is None else ()):
             if output_hidden_states:
                 all_hidden_states += (_scatter_rows(hidden_states, order, num_tokens),)
             layer_state = cache.layers[i] if cache is not None else None
-            hidden_states = block(hidden_states, num_tokens=num_tokens, layer_state=layer_state)
+            hidden_states = block(hidden_states, num_tokens=num_tokens, layer_state=layer_state,
+                                  inner_loop=backend.inner_loop)
 
         hidden_states = _scatter_rows(self.norm(hidden_states), order, num_tokens)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         if cache is not None:
-            cache.num_rows = batch
-            cache.num_positions += seq_len
+            cache.advance(batch, seq_len)
 
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
@@ -473,13 +302,16 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
         """generate()'s own preparation, marked as coming from generate so that a position-ids or mask mismatch
         is reported as what it is there (a cache that did not see the prompt), not as a bad argument."""
-        cache = resolve_cache(kwargs.get("cache"), kwargs.get("past_key_values"))
-        if isinstance(cache, TTTCache) and cache.is_initialized and cache.get_seq_length() >= input_ids.shape[1]:
+        # generate() slices the input to what the cache has not read: nothing left means `[-0:]` (everything again,
+        # transformers >= 5.24) or an empty `cache_position` (before)
+        cache_position = kwargs.get("cache_position")
+        if kwargs.get("next_sequence_length") == 0 or (cache_position is not None and cache_position.numel() == 0):
+            cache = resolve_cache(kwargs.get("cache"), kwargs.get("past_key_values"))
             raise ValueError(
-                f"The cache given to generate() has already read {cache.get_seq_length()} positions, but the input "
-                f"has only {input_ids.shape[1]}: generate() needs at least the newest token unread (its logits give "
-                "the first new token). Pass the cache from before the prompt's last token, or the prompt plus the "
-                "tokens to read next."
+                f"The cache given to generate() has already read {cache.get_seq_length()} positions, as many as the "
+                f"input has ({input_ids.shape[1]}): generate() needs at least the newest token unread (its logits "
+                "give the first new token). Pass the cache from before the prompt's last token, or the prompt plus "
+                "the tokens to read next."
             )
         model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
         model_inputs["from_generate"] = True
@@ -595,7 +427,8 @@ def _check_inputs(input_ids, inputs_embeds, from_generate: bool) -> None:
         tokens = inputs_embeds.shape[1]
     if tokens == 0:
         raise ValueError("The input holds no tokens (seq_len 0)" + (
-            ": generate() needs a prompt of at least one token (e.g. the BOS token)." if from_generate else "."))
+            ": generate() needs a prompt of at least one token (e.g. the BOS token) that the cache has not read."
+            if from_generate else "."))
 
 
 def _current_mask(attention_mask, seen, batch, seq_len, from_generate: bool = False):

@@ -9,6 +9,7 @@ from test_ops import assert_states_close, make_problem, sliced
 
 from modeling_ttt.compat import cache_of
 from modeling_ttt.ops import InnerState, cpu, reference
+from modeling_ttt.ops.cpu import plan as cpu_plan
 
 pytestmark = pytest.mark.skipif(cpu.build_error() is not None,
                                 reason=f"the C++ kernel does not build here: {cpu.build_error()}")
@@ -97,7 +98,7 @@ def test_bad_inputs_of_the_block_kernels_are_named():
     block = model.model.layers[0]
     x = torch.randn(2, 1, model.config.hidden_size)
     with torch.no_grad():
-        params = block.fused_decode_arguments(x)
+        params = cpu_plan.block_arguments(block, x.dtype)
         cache = cache_of(model(torch.randint(0, 10, (2, 3)), use_cache=True))
     state = cache.layers[0].inner_state
     inner = [*state.weights, *state.grads, state.seen]
@@ -133,58 +134,10 @@ def test_models_decode_the_same_tokens(backbone):
     torch.testing.assert_close(results["cpp"][1], results["torch"][1], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_rms_norm_kernel_equals_torch(dtype):
-    x, weight = torch.randn(3, 5, 64, dtype=dtype), torch.randn(64, dtype=dtype)
-    expected = torch.nn.functional.rms_norm(x, (64,), weight, eps=1e-6)
-    got = torch.ops.modeling_ttt_cpu.rms_norm(x, weight, 1e-6)
-    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
-    with pytest.raises(ValueError, match="weight must be"):
-        torch.ops.modeling_ttt_cpu.rms_norm(x, weight[:10], 1e-6)
-
-
-@pytest.mark.parametrize("num_convs", [1, 2])
-def test_conv_step_kernel_equals_torch(num_convs):
-    """The one-token causal depthwise conv (pre-conv: one conv; Mamba Q/K: two convs sharing a state)."""
-    from modeling_ttt.layers import causal_depthwise_conv
-
-    gen = torch.Generator().manual_seed(5)
-    x, state = torch.randn(3, 1, 16, generator=gen, dtype=torch.float64), torch.randn(3, 3, 16, generator=gen,
-                                                                                      dtype=torch.float64)
-    kernels, biases = torch.randn(num_convs, 16, 4, generator=gen, dtype=torch.float64), torch.randn(
-        num_convs, 16, generator=gen, dtype=torch.float64)
-    expected_y, expected_state = causal_depthwise_conv(x, kernels, biases, state, None, "torch")
-    y, new_state = causal_depthwise_conv(x, kernels, biases, state, None, "cpp")
-    torch.testing.assert_close(y, expected_y, atol=1e-12, rtol=0)
-    assert torch.equal(new_state, expected_state)
-    with pytest.raises(ValueError, match=r"state must be \[B, K-1, C\]"):
-        torch.ops.modeling_ttt_cpu.conv_step(x, state[:, :2], kernels, biases)
-
-
-def test_rms_norm_module_uses_the_kernel_only_to_decode_without_autograd(monkeypatch):
-    from conftest import tiny_config
-
-    from modeling_ttt.layers import RMSNorm
-
-    calls = []
-    kernel = torch.ops.modeling_ttt_cpu.rms_norm
-    monkeypatch.setattr(torch.ops.modeling_ttt_cpu, "rms_norm", lambda *a: calls.append(1) or kernel(*a))
-    norm = RMSNorm(32, eps=1e-6, config=tiny_config(ttt_impl="cpp"))
-    x = torch.randn(2, 1, 32)  # one token per row
-    with torch.no_grad():
-        fast = norm(x)
-        norm(torch.randn(2, 3, 32))  # a chunk: PyTorch's op
-    assert calls == [1]
-    slow = norm(x)  # the weight requires grad: PyTorch's own op, differentiable
-    assert calls == [1] and slow.requires_grad
-    torch.testing.assert_close(fast, slow.detach(), atol=1e-6, rtol=1e-6)
-
-
 @pytest.mark.parametrize("backbone", ["mamba", "transformer"])
-def test_fused_layer_step_equals_the_layer_forward(backbone):
-    """TTTLinear's one-token step as one kernel (convs, RoPE, learning rates, token scales, inner step, post norm,
-    gate) against the layer's PyTorch forward, float64, rows at positions that end their mini-batches on
+def test_layer_step_with_the_inner_step_kernel_equals_torch(backbone):
+    """TTTLinear's one-token step with ttt_impl="cpp" (the module path of an adapted model: the inner step as the
+    `ttt_linear_decode` kernel) against ttt_impl="torch", float64, rows at positions that end their mini-batches on
     different steps; the conv and inner states must match too."""
     import copy
 
@@ -221,50 +174,52 @@ def test_fused_block_step_equals_the_module_path(backbone, rows, intermediate_si
     products serve up to 8 rows (with widths that are not multiples of its 4 rows / 8 lanes: 38), BLAS more."""
     import copy
 
-    from modeling_ttt.cache import TTTCacheLayer
-
-    model = tiny_model("linear", backbone, intermediate_size=intermediate_size).double()
-    block = model.model.layers[0]
+    model = tiny_model("linear", backbone, intermediate_size=intermediate_size, num_hidden_layers=1).double()
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        for p in block.parameters():
+        for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
-        hidden = torch.randn(rows, 20, block.config.hidden_size, generator=gen, dtype=torch.float64)
-        state = TTTCacheLayer()
-        block(hidden[:, :7], num_tokens=torch.tensor([7, 2, 5, 1, 6, 3, 7, 4, 2, 5][:rows]), layer_state=state)
-        fused_state = copy.deepcopy(state)
-        for t in range(7, 20):
-            assert block.fused_decode_arguments(hidden[:, t : t + 1]) is not None
-            got = block(hidden[:, t : t + 1], layer_state=fused_state)
+        prompt = torch.randint(0, model.config.vocab_size, (rows, 7), generator=gen)
+        mask = (torch.arange(7) >= 7 - torch.tensor([7, 2, 5, 1, 6, 3, 7, 4, 2, 5][:rows]).unsqueeze(1)).long()
+        cache = cache_of(model(prompt, attention_mask=mask, use_cache=True))  # rows at different positions
+        module_cache = copy.deepcopy(cache)
+        tokens = torch.randint(0, model.config.vocab_size, (rows, 13), generator=gen)
+        for t in range(13):
+            got = model(tokens[:, t : t + 1], cache=cache).logits
+            assert cpu_plan.current_plan(model.model) is not None  # the one call ran
             with monkeypatch.context() as patch:  # the module-by-module path
-                patch.setattr(block, "fused_decode_arguments", lambda hidden_states: None)
-                expected = block(hidden[:, t : t + 1], layer_state=state)
+                patch.setattr(cpu_plan, "decode_step", lambda model, hidden_states, cache: None)
+                expected = model(tokens[:, t : t + 1], cache=module_cache).logits
             torch.testing.assert_close(got, expected, atol=1e-12, rtol=0, msg=f"token {t}")
-    assert_states_close(fused_state.inner_state, state.inner_state, atol=1e-12)
-    for name in state.conv_states:
-        torch.testing.assert_close(fused_state.conv_states[name], state.conv_states[name], atol=1e-12, rtol=0)
+    state, module_state = cache.layers[0], module_cache.layers[0]
+    assert_states_close(state.inner_state, module_state.inner_state, atol=1e-12)
+    for name in module_state.conv_states:
+        torch.testing.assert_close(state.conv_states[name], module_state.conv_states[name], atol=1e-12, rtol=0)
 
 
 def test_fused_block_step_steps_aside_for_adapters_and_hooks():
     """A replaced projection (as PEFT does), a projection bias or a forward hook keeps the module-by-module path."""
-    block = tiny_model("linear", "mamba").model.layers[0]
+    model = tiny_model("linear", "mamba")
+    block = model.model.layers[0]
     x = torch.randn(2, 1, block.config.hidden_size)
     with torch.no_grad():
-        assert block.fused_decode_arguments(x) is not None
-        assert block.fused_decode_arguments(x.double()) is None  # weights are float32
+        assert cpu_plan.block_arguments(block, x.dtype) is not None
+        assert cpu_plan.block_arguments(block, torch.float64) is None  # weights are float32
         handle = block.mlp.up_proj.register_forward_hook(lambda *args: None)
-        assert block.fused_decode_arguments(x) is None
+        assert cpu_plan.block_arguments(block, x.dtype) is None
         handle.remove()
-        assert block.fused_decode_arguments(x) is not None
+        assert cpu_plan.block_arguments(block, x.dtype) is not None
 
         class Adapter(torch.nn.Linear):
             pass
 
         original = block.seq_modeling_block.q_proj
         block.seq_modeling_block.q_proj = Adapter(original.in_features, original.out_features, bias=False)
-        assert block.fused_decode_arguments(x) is None
+        assert cpu_plan.block_arguments(block, x.dtype) is None
         block.seq_modeling_block.q_proj = original
-    assert block.fused_decode_arguments(x) is None  # autograd on
+        cache = cache_of(model(torch.randint(0, 10, (2, 3)), use_cache=True))
+        assert cpu_plan.decode_step(model.model, x, cache) is not None
+    assert cpu_plan.decode_step(model.model, x, cache) is None  # autograd on
 
 
 def decode_steps(model, cache, tokens, mask=None):
@@ -288,11 +243,9 @@ def prefilled(model, gen, batch=3):
 
 @pytest.mark.parametrize("backbone", ["mamba", "transformer"])
 def test_fused_model_step_equals_block_by_block(backbone, monkeypatch):
-    """All blocks in one C++ call (`FusedDecodePlan`) against the blocks one by one, float64, rows at different
+    """All blocks in one C++ call (`plan.DecodePlan`) against the blocks one by one, float64, rows at different
     positions of their mini-batches, across mini-batch ends: logits and every layer's state."""
     import copy
-
-    from modeling_ttt.modeling_ttt import TTTModel
 
     model = tiny_model("linear", backbone).double()
     gen = torch.Generator().manual_seed(3)
@@ -303,9 +256,9 @@ def test_fused_model_step_equals_block_by_block(backbone, monkeypatch):
         blockwise_cache = copy.deepcopy(cache)
         tokens = torch.randint(0, model.config.vocab_size, (3, 19), generator=gen)
         fused = decode_steps(model, cache, tokens)
-        assert model.model._fused_decode_plan is not None  # the plan ran
+        assert cpu_plan.current_plan(model.model) is not None  # the plan ran
         with monkeypatch.context() as patch:
-            patch.setattr(TTTModel, "fused_decode_plan", lambda self, hidden_states, cache: None)
+            patch.setattr(cpu_plan, "decode_step", lambda model, hidden_states, cache: None)
             blockwise = decode_steps(model, blockwise_cache, tokens)
     torch.testing.assert_close(fused, blockwise, atol=1e-12, rtol=0)
     for got, expected in zip(cache.layers, blockwise_cache.layers):
@@ -323,8 +276,6 @@ def test_fused_model_step_follows_changes_to_the_model(monkeypatch):
     import copy
     import functools
 
-    from modeling_ttt.modeling_ttt import TTTModel
-
     model = tiny_model("linear", "mamba")
     gen = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, model.config.vocab_size, (3, 1), generator=gen)
@@ -334,7 +285,7 @@ def test_fused_model_step_follows_changes_to_the_model(monkeypatch):
 
     def blockwise(model, cache):
         with monkeypatch.context() as patch:
-            patch.setattr(TTTModel, "fused_decode_plan", lambda self, hidden_states, cache: None)
+            patch.setattr(cpu_plan, "decode_step", lambda model, hidden_states, cache: None)
             return one_step(model, cache)
 
     def check(model, cache, plan_used):
@@ -342,15 +293,15 @@ def test_fused_model_step_follows_changes_to_the_model(monkeypatch):
         reference_cache = copy.deepcopy(cache)
         got = one_step(model, cache)
         torch.testing.assert_close(got, blockwise(model, reference_cache), atol=1e-5, rtol=1e-5)
-        assert (model.model._fused_decode_plan is not None) == plan_used
+        assert (cpu_plan.current_plan(model.model) is not None) == plan_used
         return got
 
     with torch.no_grad():
         cache = prefilled(model, gen)
         check(model, cache, plan_used=True)
-        plan = model.model._fused_decode_plan
+        plan = cpu_plan.current_plan(model.model)
         check(model, cache, plan_used=True)
-        assert model.model._fused_decode_plan is plan  # kept while nothing changed
+        assert cpu_plan.current_plan(model.model) is plan  # kept while nothing changed
 
         up_proj = model.model.layers[1].mlp.up_proj
         calls = []
@@ -379,7 +330,7 @@ def test_fused_model_step_follows_changes_to_the_model(monkeypatch):
         o_proj = model.model.layers[0].seq_modeling_block.o_proj
         o_proj.weight = torch.nn.Parameter(o_proj.weight * -1.0)  # replaced: a new plan holds the new one
         check(model, cache, plan_used=True)
-        assert model.model._fused_decode_plan is not plan
+        assert cpu_plan.current_plan(model.model) is not plan
 
         seq_norm = model.model.layers[1].seq_norm
         seq_norm.forward = functools.partial(type(seq_norm).forward, seq_norm)  # as accelerate's add_hook_to_module

@@ -3,8 +3,8 @@ between the reference, the fused Triton kernels and the C++ CPU decoding kernels
 
 from __future__ import annotations
 
-import functools
 import importlib.util
+from dataclasses import dataclass
 import os
 from typing import Callable
 
@@ -13,10 +13,12 @@ from transformers.utils import logging
 
 from .reference import InnerState, ttt_linear, ttt_mlp, ttt_sequential
 from . import cpu  # (builds nothing at import)
+from .cpu import plan as cpu_plan
 
 #: Environment variable that overrides `config.ttt_impl` (for benchmarking): "torch", "triton", "cpp" or "auto".
 TTT_IMPL_ENV = "TTT_IMPL"
-_IMPLEMENTATIONS = ("torch", "triton", "cpp", "auto")
+#: The values of `TTTConfig.ttt_impl` (and of `TTT_IMPL`).
+TTT_IMPLEMENTATIONS = ("torch", "triton", "cpp", "auto")
 _REFERENCE_OPS = {"linear": ttt_linear, "mlp": ttt_mlp}
 logger = logging.get_logger(__name__)
 
@@ -45,9 +47,9 @@ def resolve_ttt_impl(impl: str, device: torch.device | str) -> str:
     attempt in this process); they are built where one first runs (`cpp_kernels_apply`).
     """
     requested = os.environ.get(TTT_IMPL_ENV) or impl
-    if requested not in _IMPLEMENTATIONS:
+    if requested not in TTT_IMPLEMENTATIONS:
         source = f"environment variable {TTT_IMPL_ENV}" if os.environ.get(TTT_IMPL_ENV) else "ttt_impl"
-        raise ValueError(f"{source} must be one of {_IMPLEMENTATIONS}, got {requested!r}.")
+        raise ValueError(f"{source} must be one of {TTT_IMPLEMENTATIONS}, got {requested!r}.")
     device = torch.device(device)
     if requested == "auto":
         if device.type == "cuda" and triton_available():
@@ -90,33 +92,6 @@ def _cpp_build_failure(error: str | None) -> RuntimeError:
                         "C++ compiler and `ninja`. Use ttt_impl='torch' or 'auto'.")
 
 
-def cpp_kernels_apply(impl: str, *tensors: torch.Tensor) -> bool:
-    """Whether the C++ CPU kernels (`modeling_ttt.ops.cpu`: the decoding step, RMSNorm, the causal-conv step)
-    run for these tensors: `impl` resolves to "cpp", the tensors are float32/64 on the CPU, and no autograd
-    runs through them. Layers ask on every token, so the resolution is remembered per environment."""
-    first = tensors[0]
-    if first.device.type != "cpu" or first.dtype not in (torch.float32, torch.float64):
-        return False
-    if torch.is_autocast_enabled("cpu"):  # autocast decides each op's dtype; the kernels keep their inputs'
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    if not _resolves_to_cpp(impl, os.environ.get(TTT_IMPL_ENV)):
-        return False
-    error = cpu.build_error()  # a kernel is about to run: build it now (once per process)
-    if error is None:
-        return True
-    if (os.environ.get(TTT_IMPL_ENV) or impl) == "cpp":
-        raise _cpp_build_failure(error)
-    _warn_cpp_unavailable(error)
-    return False
-
-
-@functools.lru_cache(maxsize=16)
-def _resolves_to_cpp(impl: str, environment: str | None) -> bool:
-    return resolve_ttt_impl(impl, "cpu") == "cpp"
-
-
 def get_ttt_ops(impl: str, layer_type: str, device: torch.device | str, head_dim: int | None = None) -> Callable:
     """The inner-loop function (signature of `reference.ttt_linear` / `ttt_mlp`) for `layer_type` ("linear" or
     "mlp") with implementation `impl` ("torch", "triton", "cpp" or "auto", see `resolve_ttt_impl`) on `device`.
@@ -140,5 +115,30 @@ def get_ttt_ops(impl: str, layer_type: str, device: torch.device | str, head_dim
     return {"linear": triton_ops.ttt_linear, "mlp": triton_ops.ttt_mlp}[layer_type]
 
 
-__all__ = ["InnerState", "ttt_linear", "ttt_mlp", "ttt_sequential", "get_ttt_ops", "resolve_ttt_impl", "cpp_kernels_apply",
+@dataclass(frozen=True)
+class Backend:
+    """What the layers and the model run for one forward, resolved once (`get_backend`).
+
+    name: "torch", "triton" or "cpp".
+    inner_loop: the chunk function of the layer type (the signature of `reference.ttt_linear` / `ttt_mlp`).
+    model_step: `(model, hidden_states [B, 1, C], cache) -> hidden_states | None`, a one-token step through all
+        blocks in one call, or None when the backend has none; it returns None itself where it cannot run (then
+        the model runs its blocks).
+    """
+
+    name: str
+    inner_loop: Callable
+    model_step: Callable | None = None
+
+
+def get_backend(impl: str, layer_type: str, device: torch.device | str, head_dim: int | None = None) -> Backend:
+    """The backend for `ttt_impl=impl` on `device` (see `resolve_ttt_impl`, `get_ttt_ops`)."""
+    inner_loop = get_ttt_ops(impl, layer_type, device, head_dim)
+    name = resolve_ttt_impl(impl, device)
+    model_step = cpu_plan.decode_step if name == "cpp" and layer_type == "linear" else None
+    return Backend(name, inner_loop, model_step)
+
+
+__all__ = ["InnerState", "ttt_linear", "ttt_mlp", "ttt_sequential", "get_ttt_ops", "get_backend", "Backend", "resolve_ttt_impl",
+           "TTT_IMPLEMENTATIONS",
            "triton_available", "TTT_IMPL_ENV"]

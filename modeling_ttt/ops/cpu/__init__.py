@@ -3,18 +3,14 @@
 * `ttt_linear` here: [`modeling_ttt.ops.reference.ttt_linear`] with its one-token steps (no autograd) run by the
   `ttt_linear_decode` kernel; everything else (prefill, training, padding, other dtypes) is the reference itself.
   TTT-MLP has no kernel (`ttt_mlp` is the reference's).
-* `torch.ops.modeling_ttt_cpu.ttt_linear_decode_blocks`: consecutive TTT-Linear blocks' one-token step,
-  projections included — every block in one call (`TTTModel.fused_decode_plan`, taken when all blocks are the plain
-  modules without hooks), or one block (`TTTBlock.fused_decode_step`, when the plan cannot run). For up to 8 rows
+* `plan.decode_step`: a whole model's one-token step, every TTT-Linear block with its projections, norms and convs
+  in one call (`ttt_linear_decode_blocks`), when the blocks are the plain modules without hooks. For up to 8 rows
   its projections are its own matrix-vector loops, one parallel loop per group of products that share an input
-  (BLAS above 8 rows, where a GEMM reuses each weight);
-  `ttt_linear_decode_layer`: the layer step between its projections
-  (`TTTLinear.fused_decode_step`, e.g. with PEFT adapters on the projections); `rms_norm` and `conv_step` for the
-  RMSNorms and causal convs.
+  (BLAS above 8 rows, where a GEMM reuses each weight).
 
-Why: decoding a small model on a CPU spends more time launching PyTorch's small kernels (~50 per layer and token)
-than computing them; each C++ kernel does the same arithmetic in one call. `tests/test_ops_cpu.py` holds them to
-the reference.
+Why: decoding a small model on a CPU is bound by memory and by the number of PyTorch kernel launches (~50 per layer
+and token), not by arithmetic; each kernel does the same arithmetic in one call. `tests/test_ops_cpu.py` holds them
+to the reference and the module path.
 
 The kernels are compiled with `torch.utils.cpp_extension` at the first step that runs one (a one-token CPU step
 without autograd; a C++ compiler and `ninja` are needed), once per machine and build key (`build_name`): torch
@@ -48,6 +44,14 @@ except ImportError:  # not POSIX: builds are not serialised between processes
     fcntl = None
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ttt_decode.cpp")
+#: The per-block parameters of `ttt_linear_decode_blocks`, in the order of `BlockParam` in ttt_decode.cpp (the
+#: loaded kernels are checked against this; `plan.block_arguments` gathers them).
+BLOCK_PARAMETERS = (
+    "pre_norm_weight", "pre_conv_weight", "pre_conv_bias", "seq_norm_weight", "q", "k", "v", "g", "o",
+    "lr_weight", "lr_bias", "conv_q_weight", "conv_q_bias", "conv_k_weight", "conv_k_bias", "rope", "token_idx",
+    "learnable_token_idx", "ttt_norm_weight", "ttt_norm_bias", "post_norm_weight", "post_norm_bias",
+    "ffn_norm_weight", "gate", "up", "down",
+)
 _DTYPES = (torch.float32, torch.float64)
 #: How long a process waits for another one that is building the same kernels before it gives up (seconds).
 BUILD_WAIT_SECONDS = 300.0
@@ -157,6 +161,9 @@ def _build() -> str | None:
                                     f"this machine; usually 15-40 s, then cached in {directory}).")
             cpp_extension.load(name=name, sources=[_SOURCE], extra_cflags=cflags, extra_ldflags=ldflags,
                                build_directory=directory, is_python_module=False, verbose=False)
+        names = tuple(torch.ops.modeling_ttt_cpu.block_parameter_names())
+        if names != BLOCK_PARAMETERS:
+            return f"the kernels' block parameters {names} differ from BLOCK_PARAMETERS {BLOCK_PARAMETERS}"
     except Exception as error:  # a failed build, a timeout: reported by the callers in one line
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         compiler_error = next((line for line in lines if "error:" in line), None)  # the compiler's own words

@@ -1,10 +1,10 @@
 // C++ CPU kernels for decoding (one token per row, no autograd, float32/float64): the TTT-Linear inner step
-// (ttt_linear_decode), the layer step between its projections (ttt_linear_decode_layer), whole blocks
-// (ttt_linear_decode_blocks, one block after the other, with their projections), RMSNorm and the causal-conv step.
+// (ttt_linear_decode) and whole blocks (ttt_linear_decode_blocks, one block after the other, with their projections,
+// RMSNorms and causal convs).
 // The inner step first:
 // Returns [out, G_W, G_b] when no row ends its mini-batch (W0, b0 unchanged), else [out, G_W, G_b, W0, b0].
 //
-// The same numbers as `_ttt_one_token("linear", ...)` in modeling_ttt/ops/reference.py (the spec; read it first),
+// The same numbers as `_ttt_one_token("linear", ...)` in modeling_ttt/ops/reference.py (read it first),
 // written as plain loops over each (row, head) so that a token costs one call instead of ~35 PyTorch kernels:
 // when decoding a small model on a CPU the per-kernel overhead, not the arithmetic, is what the step pays for.
 // tests/test_ops_cpu.py holds this file to the reference.
@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace {
@@ -323,28 +324,6 @@ at::Tensor conv_into(const at::Tensor& x, const c10::optional<at::Tensor>& state
   return new_state;
 }
 
-// One step of n causal depthwise convs of the same input (decoding; see causal_depthwise_conv in layers.py):
-// x [B, 1, C], state [B, K-1, C] (the last K-1 inputs), kernels [n, C, K], biases [n, C].
-// Returns y [B, 1, n, C] and the new state [B, K-1, C] (the old one shifted by one, x appended).
-std::vector<at::Tensor> conv_step(const at::Tensor& x, const at::Tensor& state, const at::Tensor& kernels,
-                                  const at::Tensor& biases) {
-  check(x.dim() == 3 && x.size(1) == 1, "conv_step: x must be [B, 1, C]");
-  const int64_t batch = x.size(0), channels = x.size(2), n = kernels.size(0);
-  check(kernels.dim() == 3 && kernels.size(1) == channels && biases.numel() == n * channels,
-        "conv_step: kernels must be [n, C, K] and biases [n, C]");
-  ConvKernels convs;
-  const at::Tensor bs = biases.reshape({n, channels});
-  for (int64_t i = 0; i < n; ++i) {
-    convs.weights.push_back(kernels.select(0, i));
-    convs.biases.push_back(bs.select(0, i));
-  }
-  at::Tensor y = at::empty({batch, 1, n, channels}, x.options());
-  std::vector<at::Tensor> ys;
-  for (int64_t i = 0; i < n; ++i) ys.push_back(y.select(2, i));  // rows n * C apart
-  at::Tensor new_state = conv_into(x, state, convs, ys, n * channels, "conv_step");
-  return {y, new_state};
-}
-
 // The whole decoding step of a TTT-Linear layer between its projections (see TTTLayerBase.forward in layers.py):
 // [Q/K causal convs (Mamba backbone)] -> RoPE at each row's position in its mini-batch -> inner learning rates and
 // token scales -> the TTT-Linear step above -> post LayerNorm -> [gelu gate]. One token per row.
@@ -450,25 +429,6 @@ std::vector<at::Tensor> layer_step(
   result[0] = out;
   result.insert(result.begin() + 1, new_conv_state);
   return result;
-}
-
-// The layer step as an op: conv_kernels [2, C, K] and conv_biases [2, C] (conv_q, conv_k), empty without convs.
-std::vector<at::Tensor> ttt_linear_decode_layer(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g, const at::Tensor& lr_logits,
-    const c10::optional<at::Tensor>& conv_state, const at::Tensor& conv_kernels, const at::Tensor& conv_biases,
-    const at::Tensor& rope, const at::Tensor& token_idx, const at::Tensor& learnable_token_idx,
-    const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& post_weight,
-    const at::Tensor& post_bias, const at::Tensor& w, const at::Tensor& b, const at::Tensor& g_w,
-    const at::Tensor& g_b, const at::Tensor& seen, double lr_scale, double eps, double post_eps) {
-  ConvKernels convs;
-  if (conv_kernels.numel() > 0) {
-    check(conv_kernels.dim() == 3 && conv_kernels.size(0) == 2 && conv_biases.numel() == 2 * conv_kernels.size(1),
-          "ttt_linear_decode_layer: conv_kernels must be [2, C, K] (conv_q, conv_k) and conv_biases [2, C]");
-    const at::Tensor biases = conv_biases.reshape({2, -1});
-    convs = {{conv_kernels.select(0, 0), conv_kernels.select(0, 1)}, {biases.select(0, 0), biases.select(0, 1)}};
-  }
-  return layer_step(q, k, v, g, lr_logits, conv_state, convs, rope, token_idx, learnable_token_idx, ln_weight, ln_bias,
-                    post_weight, post_bias, w, b, g_w, g_b, seen, lr_scale, eps, post_eps);
 }
 
 // -- The block's projections -------------------------------------------------------------------------------------
@@ -612,6 +572,14 @@ enum BlockParam {
   kFfnNormWeight, kGate, kUp, kDown, kNumBlockParams
 };
 
+// The names of BlockParam in order: Python (ops/cpu/plan.py, BLOCK_PARAMETERS) checks its layout against them.
+std::vector<std::string> block_parameter_names() {
+  return {"pre_norm_weight", "pre_conv_weight", "pre_conv_bias", "seq_norm_weight", "q", "k", "v", "g", "o",
+          "lr_weight", "lr_bias", "conv_q_weight", "conv_q_bias", "conv_k_weight", "conv_k_bias", "rope",
+          "token_idx", "learnable_token_idx", "ttt_norm_weight", "ttt_norm_bias", "post_norm_weight",
+          "post_norm_bias", "ffn_norm_weight", "gate", "up", "down"};
+}
+
 std::vector<at::Tensor> ttt_linear_decode_block(const at::Tensor& h_in, at::TensorList params,
                                                 const c10::optional<at::Tensor>& pre_conv_state,
                                                 const c10::optional<at::Tensor>& qk_conv_state,
@@ -697,14 +665,7 @@ std::vector<at::Tensor> ttt_linear_decode_blocks(const at::Tensor& h_in, at::Ten
 }  // namespace
 
 TORCH_LIBRARY(modeling_ttt_cpu, m) {
-  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
-  m.def("conv_step(Tensor x, Tensor state, Tensor kernels, Tensor biases) -> Tensor[]", &conv_step);
-  m.def(
-      "ttt_linear_decode_layer(Tensor q, Tensor k, Tensor v, Tensor g, Tensor lr_logits, Tensor? conv_state, "
-      "Tensor conv_kernels, Tensor conv_biases, Tensor rope, Tensor token_idx, Tensor learnable_token_idx, "
-      "Tensor ln_weight, Tensor ln_bias, Tensor post_weight, Tensor post_bias, Tensor W, Tensor b, Tensor G_W, "
-      "Tensor G_b, Tensor seen, float lr_scale, float eps, float post_eps) -> Tensor[]",
-      &ttt_linear_decode_layer);
+  m.def("block_parameter_names() -> str[]", &block_parameter_names);
   m.def(
       "ttt_linear_decode_blocks(Tensor h, Tensor[] params, Tensor?[] conv_states, Tensor[] inner_states, "
       "float[] constants) -> Tensor[]",
