@@ -1,5 +1,6 @@
 """Inner-loop math of TTT layers as pure functions over tensors (see `reference.py`, the spec), and the choice
-between the reference, the fused Triton kernels and the C++ CPU decoding kernels (`get_ttt_ops`)."""
+between the reference, the fused Triton kernels and the C++ CPU decoding kernels (`get_ttt_ops`).
+The spec proper is `naive.py` (primal and dual forms, plain loops): every backend, reference.py too, is held to it."""
 
 from __future__ import annotations
 
