@@ -6,7 +6,7 @@
 
 Default problem: B=8, H=32, head_dim=64, mini_batch=16, T in {2k, 8k, 32k}, bf16 inputs and state.
 Times are medians of `triton.testing.do_bench` (ms). TFLOP/s are *model* FLOPs — the matmuls of the dual
-form as written in reference.py (per mini-batch and head, M tokens, d = head_dim, F = 4d hidden):
+form as written in torch_chunk.py (per mini-batch and head, M tokens, d = head_dim, F = 4d hidden):
 
     TTT-Linear forward: 6·M·d² + 4·M²·d         (X_k W, X_q W, G; X_q X_kᵀ, η∇Z)
     TTT-MLP forward:   14·M·d·F + 4·M²·(d + F)
@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from modeling_ttt.ops import InnerState  # noqa: E402
-from modeling_ttt.ops import reference  # noqa: E402
+from modeling_ttt.ops import torch_chunk  # noqa: E402
 
 
 def model_flops(layer_type: str, batch: int, heads: int, seq_len: int, dim: int, mini_batch: int) -> float:
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
-    impls = {"torch": {"linear": reference.ttt_linear, "mlp": reference.ttt_mlp},
+    impls = {"torch": {"linear": torch_chunk.ttt_linear, "mlp": torch_chunk.ttt_mlp},
              "triton": {"linear": triton_ops.ttt_linear, "mlp": triton_ops.ttt_mlp}}
     fla = fla_ttt_linear() if "fla" in args.impls.split(",") else None
     if fla is not None:

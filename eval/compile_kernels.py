@@ -30,7 +30,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from modeling_ttt.ops.triton import chunk_linear, chunk_mlp, decode  # noqa: E402
-from modeling_ttt.ops.triton.interface import _block, _num_warps, _precision  # noqa: E402
+from modeling_ttt.ops.triton.interface import block_size, dot_precision, num_warps_for  # noqa: E402
 
 SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912, 89: 101376, 86: 101376}  # bytes per block (opt-in maximum)
 TOKEN_POINTERS = ("xq_ptr", "xk_ptr", "xv_ptr", "out_ptr", "d_out_ptr", "d_xq_ptr", "d_xk_ptr", "d_xv_ptr")
@@ -55,15 +55,15 @@ def signature(kernel, constexprs: dict, token_dtype: str) -> dict:
 
 
 def variants(layer_type: str, head_dim: int, dtypes: list[str]):
-    block_d, mini_batch = _block(head_dim), 16
+    block_d, mini_batch = block_size(head_dim), 16
     for token_dtype in dtypes:
         torch_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[token_dtype]
         import torch
 
-        precision = _precision(getattr(torch, torch_dtype))
+        precision = dot_precision(getattr(torch, torch_dtype))
         common = dict(D=head_dim, M=mini_batch, BLOCK_D=block_d, BLOCK_M=16, EPS=1e-6, PRECISION=precision)
         if layer_type == "mlp":
-            common.update(F=4 * head_dim, BLOCK_F=_block(4 * head_dim))
+            common.update(F=4 * head_dim, BLOCK_F=block_size(4 * head_dim))
         fwd = chunk_linear.ttt_linear_fwd_kernel if layer_type == "linear" else chunk_mlp.ttt_mlp_fwd_kernel
         bwd = chunk_linear.ttt_linear_bwd_kernel if layer_type == "linear" else chunk_mlp.ttt_mlp_bwd_kernel
         for pending, save in itertools.product((True, False), (True, False)):
@@ -75,7 +75,7 @@ def variants(layer_type: str, head_dim: int, dtypes: list[str]):
         if layer_type == "linear":
             yield decode.ttt_linear_decode_kernel, dec, token_dtype
         else:
-            yield decode.ttt_mlp_decode_kernel, dict(dec, F=4 * head_dim, BLOCK_F=min(_block(4 * head_dim), 32)), \
+            yield decode.ttt_mlp_decode_kernel, dict(dec, F=4 * head_dim, BLOCK_F=min(block_size(4 * head_dim), 32)), \
                 token_dtype
 
 
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         for head_dim in (int(d) for d in args.head_dims.split(",")):
             for kernel, constexprs, token_dtype in variants(layer_type, head_dim, args.dtypes.split(",")):
                 blocks = [constexprs["BLOCK_D"], constexprs.get("BLOCK_F", constexprs["BLOCK_D"])]
-                num_warps = _num_warps(*blocks) if "BLOCK_M" in constexprs else _num_warps(constexprs["BLOCK_D"])
+                num_warps = num_warps_for(*blocks) if "BLOCK_M" in constexprs else num_warps_for(constexprs["BLOCK_D"])
                 label = (f"{kernel.__name__} d={head_dim} {token_dtype} "
                          + " ".join(f"{k}={v}" for k, v in constexprs.items() if k in ("HAS_PENDING", "SAVE_CKPT",
                                                                                         "CKPT_EVERY")))

@@ -4,10 +4,59 @@ at any split, with nonzero initial states, rows at different positions and right
 import pytest
 import torch
 
-from modeling_ttt.ops import InnerState, ttt_linear, ttt_mlp, ttt_sequential
-from modeling_ttt.ops.reference import gelu_tanh, gelu_tanh_grad, layer_norm, layer_norm_l2_grad
+from modeling_ttt.ops import InnerState, ttt_linear, ttt_mlp
+from modeling_ttt.ops.torch_chunk import gelu_tanh, gelu_tanh_grad, layer_norm, layer_norm_l2_grad
 
 OPS = {"linear": ttt_linear, "mlp": ttt_mlp}
+
+
+def ttt_sequential(
+    layer_type: str,
+    xq: torch.Tensor,
+    xk: torch.Tensor,
+    xv: torch.Tensor,
+    inner_lr: torch.Tensor,
+    token_scale: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    state: InnerState,
+) -> tuple[torch.Tensor, InnerState]:
+    """Primal form, one token at a time, literally as Eq. 6/7 reads (slow; a second spec for the tests).
+
+    Materialises `W_i` for every token and takes gradients with autograd, so it shares no code with the dual
+    form above beyond the LayerNorm forward."""
+    batch, heads, seq_len, head_dim = xq.shape
+    mini_batch_size = token_scale.shape[0]
+    ln_w, ln_b = ln_weight.view(1, heads, 1, head_dim), ln_bias.view(1, heads, 1, head_dim)
+    weights = [w.clone() for w in state.weights]
+    grads = [g.clone() for g in state.grads]
+    seen = state.seen.clone()
+
+    def inner_model(x, params):
+        if layer_type == "linear":
+            return x @ params[0] + params[1]
+        return gelu_tanh(x @ params[0] + params[1]) @ params[2] + params[3]
+
+    outputs = []
+    for t in range(seq_len):
+        position = seen % mini_batch_size  # [B]
+        scale = token_scale[position].view(batch, 1, 1, 1)
+        with torch.enable_grad():
+            params = [w.detach().requires_grad_(True) for w in weights]
+            z = inner_model(xk[:, :, t : t + 1], params)
+            loss = 0.5 * (layer_norm(z, ln_w, ln_b) - (xv[:, :, t : t + 1] - xk[:, :, t : t + 1])).pow(2).sum()
+            token_grads = torch.autograd.grad(loss, params)
+        lr = inner_lr[:, :, t].view(batch, heads, 1, 1)
+        grads = [g + lr * tg for g, tg in zip(grads, token_grads)]
+        current = [w - scale * g for w, g in zip(weights, grads)]
+        outputs.append(xq[:, :, t : t + 1] + layer_norm(inner_model(xq[:, :, t : t + 1], current), ln_w, ln_b))
+        seen = seen + 1
+        done = (seen % mini_batch_size == 0).view(batch, 1, 1, 1)
+        weights = [torch.where(done, c, w) for c, w in zip(current, weights)]
+        grads = [torch.where(done, torch.zeros_like(g), g) for g in grads]
+    out = torch.cat(outputs, dim=2) if outputs else xq[:, :, :0]
+    return out, InnerState(tuple(weights), tuple(grads), seen)
+
 
 
 def make_problem(layer_type, batch=3, heads=2, seq_len=37, head_dim=8, mini_batch_size=8, seed=0):

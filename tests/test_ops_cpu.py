@@ -8,7 +8,7 @@ from conftest import tiny_model
 from test_ops import assert_states_close, make_problem, sliced
 
 from modeling_ttt.compat import cache_of
-from modeling_ttt.ops import InnerState, cpu, reference
+from modeling_ttt.ops import InnerState, cpu, torch_chunk
 from modeling_ttt.ops.cpu import plan as cpu_plan
 
 pytestmark = pytest.mark.skipif(cpu.build_error() is not None,
@@ -20,7 +20,7 @@ def decode_both(problem, state, start, stop):
     ref_state, cpp_state, ref_out, cpp_out = state, state, [], []
     for t in range(start, stop):
         step = sliced(problem, t, t + 1)
-        out, ref_state = reference.ttt_linear(**step, state=ref_state)
+        out, ref_state = torch_chunk.ttt_linear(**step, state=ref_state)
         ref_out.append(out)
         assert cpu.decodes(step["xq"], None)
         out, cpp_state = cpu.ttt_linear(**step, state=cpp_state)
@@ -37,7 +37,7 @@ def test_kernel_equals_the_reference_token_by_token(first):
     num_tokens = torch.tensor(first)
     chunk["inner_lr"] = chunk["inner_lr"] * (torch.arange(8).view(1, 1, 8) < num_tokens.view(3, 1, 1))
     with torch.no_grad():
-        _, state = reference.ttt_linear(**chunk, state=InnerState.initial(weights, 3), num_tokens=num_tokens)
+        _, state = torch_chunk.ttt_linear(**chunk, state=InnerState.initial(weights, 3), num_tokens=num_tokens)
         ref_out, ref_state, cpp_out, cpp_state = decode_both(problem, state, 8, 28)
     torch.testing.assert_close(cpp_out, ref_out, atol=1e-12, rtol=0)
     assert_states_close(cpp_state, ref_state, atol=1e-12)
@@ -69,12 +69,12 @@ def test_what_the_kernel_does_not_take_goes_to_the_reference():
     step = dict(sliced(problem, 0, 1), inner_lr=lr[:, :, :1])
     assert not cpu.decodes(step["xq"], None, step["inner_lr"])
     out, _ = cpu.ttt_linear(**step, state=state)
-    expected, _ = reference.ttt_linear(**step, state=state)
+    expected, _ = torch_chunk.ttt_linear(**step, state=state)
     assert torch.equal(out, expected)
     (grad,) = torch.autograd.grad(out.sum(), lr)
     assert grad.abs().sum() > 0
     out, new_state = cpu.ttt_linear(**chunk, state=state)
-    expected, expected_state = reference.ttt_linear(**chunk, state=state)
+    expected, expected_state = torch_chunk.ttt_linear(**chunk, state=state)
     assert torch.equal(out, expected)
     assert_states_close(new_state, expected_state, atol=0)
 

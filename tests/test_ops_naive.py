@@ -1,7 +1,7 @@
 """The spec (`modeling_ttt/ops/naive.py`) against itself and every backend against the spec.
 
-(a) the spec's primal form ≡ its dual form; (b) `reference.py`, the C++ decoding kernel and the Triton kernels ≡ the
-spec; (c) `reference.ttt_sequential` (autograd inner gradients) ≡ the spec's primal form (analytic ones);
+(a) the spec's primal form ≡ its dual form; (b) `torch_chunk.py`, the C++ decoding kernel and the Triton kernels ≡ the
+spec; (c) `torch_chunk.ttt_sequential` (autograd inner gradients) ≡ the spec's primal form (analytic ones);
 (d) gradients of the spec's dual form (autograd through it) ≡ the reference's, w.r.t. every input. Each over fresh
 states, rows at different positions (mid-mini-batch, with pending sums G), right padding and chunk lengths
 1, M−1, M and 2M+3. Triton runs under its CPU interpreter (`TRITON_INTERPRET=1`, see tests/test_triton.py).
@@ -9,12 +9,13 @@ states, rows at different positions (mid-mini-batch, with pending sums G), right
 
 import pytest
 import torch
+from test_ops import ttt_sequential
 from test_triton import SKIP_REASON, assert_close_scaled, make_case, run_with_grads
 
-from modeling_ttt.ops import InnerState, cpu, naive, reference
+from modeling_ttt.ops import InnerState, cpu, naive, torch_chunk
 
 NAIVE = {"linear": naive.ttt_linear, "mlp": naive.ttt_mlp}
-REFERENCE = {"linear": reference.ttt_linear, "mlp": reference.ttt_mlp}
+REFERENCE = {"linear": torch_chunk.ttt_linear, "mlp": torch_chunk.ttt_mlp}
 M = 8  # mini-batch size of every case (make_case's default)
 
 CASES = {
@@ -92,7 +93,7 @@ def test_non_finite_padding_changes_nothing(layer_type, form):
 
 @pytest.mark.parametrize("layer_type", ["linear", "mlp"])
 def test_spec_precision_rule(layer_type):
-    """16-bit inputs: float32 arithmetic and state (reference.py's "Precision"), outputs in the input dtype, and
+    """16-bit inputs: float32 arithmetic and state (state.py's "Precision"), outputs in the input dtype, and
     autocast changes nothing."""
     inputs, state, num_tokens = case(layer_type, "right-padding", dtype=torch.bfloat16)
     out, new_state = NAIVE[layer_type](**inputs, state=state, num_tokens=num_tokens)
@@ -221,7 +222,7 @@ def test_triton_decode_kernels_match_spec(layer_type):
 def test_sequential_reference_equals_spec_primal_form(layer_type, name):
     inputs, state, _ = case(layer_type, name)
     expected = NAIVE[layer_type](**inputs, state=state, form="primal")
-    assert_results_close(reference.ttt_sequential(layer_type, **inputs, state=state), expected, atol=1e-10)
+    assert_results_close(ttt_sequential(layer_type, **inputs, state=state), expected, atol=1e-10)
 
 
 # -- (d) gradients ----------------------------------------------------------------------------------------------

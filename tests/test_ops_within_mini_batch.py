@@ -5,7 +5,8 @@ token-by-token primal form."""
 import pytest
 import torch
 
-from modeling_ttt.ops import InnerState, ttt_linear, ttt_mlp, ttt_sequential
+from modeling_ttt.ops import InnerState, ttt_linear, ttt_mlp
+from test_ops import ttt_sequential
 
 OPS = {"linear": ttt_linear, "mlp": ttt_mlp}
 BATCH, HEADS, HEAD_DIM, MINI_BATCH = 3, 2, 8, 8

@@ -1,6 +1,6 @@
 """Every dtype a user loads a model in: fp32, bf16 and fp16 weights (`from_pretrained(dtype=...)`, `.to()`,
 `.half()`) and CPU autocast run forward, generate and backward, and stay close to the fp32 model with the same
-weights. The rule they follow ("Precision" in `modeling_ttt/ops/reference.py`): the inner loop computes and keeps
+weights. The rule they follow ("Precision" in `modeling_ttt/ops/state.py`): the inner loop computes and keeps
 its state in float32 for 16-bit inputs."""
 
 from pathlib import Path

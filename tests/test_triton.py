@@ -16,7 +16,7 @@ import torch
 
 from modeling_ttt import TTTConfig
 from modeling_ttt.ops import InnerState, get_ttt_ops, resolve_ttt_impl, triton_available
-from modeling_ttt.ops import reference
+from modeling_ttt.ops import torch_chunk
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
@@ -36,7 +36,7 @@ def _kernels_usable() -> str | None:
 SKIP_REASON = _kernels_usable()
 requires_kernels = pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON))
 
-REFERENCE = {"linear": reference.ttt_linear, "mlp": reference.ttt_mlp}
+REFERENCE = {"linear": torch_chunk.ttt_linear, "mlp": torch_chunk.ttt_mlp}
 
 
 def make_case(layer_type, batch=2, heads=2, seq_len=19, head_dim=16, mini_batch_size=8, seen=(0, 0),
@@ -205,11 +205,11 @@ def test_half_precision_inputs_accumulate_in_fp32(dtype):
     inputs, state, num_tokens = make_case("linear", seen=(3, 0), num_tokens=(19, 11), dtype=dtype)
     out, new_state = get_ttt_ops("triton", "linear", DEVICE)(**inputs, state=state, num_tokens=num_tokens)
     assert out.dtype == dtype and new_state.weights[0].dtype == torch.float32
-    ref_out, ref_state = reference.ttt_linear(**inputs, state=state, num_tokens=num_tokens)  # 16-bit in, too
+    ref_out, ref_state = torch_chunk.ttt_linear(**inputs, state=state, num_tokens=num_tokens)  # 16-bit in, too
     assert ref_out.dtype == dtype and ref_state.weights[0].dtype == torch.float32
     upcast = {k: v.float() for k, v in inputs.items()}
     state32 = InnerState(tuple(w.float() for w in state.weights), tuple(g.float() for g in state.grads), state.seen)
-    expected, expected_state = reference.ttt_linear(**upcast, state=state32, num_tokens=num_tokens)
+    expected, expected_state = torch_chunk.ttt_linear(**upcast, state=state32, num_tokens=num_tokens)
     assert_close_scaled(out.float(), expected, 1e-2, "out")
     assert_close_scaled(new_state.weights[0].float(), expected_state.weights[0], 1e-2, "W")
 
@@ -267,8 +267,8 @@ def test_default_impl_is_auto():
 
 def test_auto_on_cpu_uses_the_cpp_decoding_kernel_when_it_builds(monkeypatch):
     monkeypatch.delenv("TTT_IMPL", raising=False)
-    assert get_ttt_ops("torch", "linear", "cpu") is reference.ttt_linear
-    assert get_ttt_ops("auto", "mlp", "cpu") is reference.ttt_mlp  # TTT-MLP decodes with the reference
+    assert get_ttt_ops("torch", "linear", "cpu") is torch_chunk.ttt_linear
+    assert get_ttt_ops("auto", "mlp", "cpu") is torch_chunk.ttt_mlp  # TTT-MLP decodes with the reference
     monkeypatch.setattr("modeling_ttt.ops._cpp_kernel_ready", lambda warn: True)
     assert resolve_ttt_impl("auto", "cpu") == "cpp"
     with pytest.raises(RuntimeError, match="ttt_impl='cpp' is a CPU kernel"):
@@ -307,7 +307,7 @@ def test_head_sizes_beyond_the_kernels(monkeypatch):
     monkeypatch.delenv("TTT_IMPL", raising=False)
     too_big = triton_ops.MAX_HEAD_DIM["mlp"] + 2
     monkeypatch.setattr("modeling_ttt.ops.resolve_ttt_impl", lambda impl, device: "triton")  # as on a GPU
-    assert get_ttt_ops("auto", "mlp", DEVICE, head_dim=too_big) is reference.ttt_mlp
+    assert get_ttt_ops("auto", "mlp", DEVICE, head_dim=too_big) is torch_chunk.ttt_mlp
     assert get_ttt_ops("auto", "mlp", DEVICE, head_dim=64) is triton_ops.ttt_mlp
     inputs, state, _ = make_case("mlp", batch=1, heads=1, seq_len=2, head_dim=too_big, seen=(0,))
     with pytest.raises(NotImplementedError, match="head_dim <= 64"):

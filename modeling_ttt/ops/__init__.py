@@ -1,18 +1,22 @@
-"""Inner-loop math of TTT layers as pure functions over tensors (see `reference.py`, the spec), and the choice
-between the reference, the fused Triton kernels and the C++ CPU decoding kernels (`get_ttt_ops`).
-The spec proper is `naive.py` (primal and dual forms, plain loops): every backend, reference.py too, is held to it."""
+"""Inner-loop math of TTT layers as pure functions over tensors, and the choice of backend — the PyTorch ops, the
+fused Triton kernels or the C++ CPU decoding kernels — made once per forward (`get_backend`).
+
+Rooms: `naive.py` the spec (primal and dual forms, plain loops; every backend is held to it), `state.py` the inner
+state and the precision rule, `frame.py` the padding layout the chunk backends share, `torch_chunk.py` the PyTorch
+backend, `triton/` the fused GPU kernels, `cpu/` the C++ decoding kernels (and the one-call model step)."""
 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 import os
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from transformers.utils import logging
 
-from .reference import InnerState, ttt_linear, ttt_mlp, ttt_sequential
+from .state import InnerState
+from .torch_chunk import ttt_linear, ttt_mlp
 from . import cpu  # (builds nothing at import)
 from .cpu import plan as cpu_plan
 
@@ -94,7 +98,7 @@ def _cpp_build_failure(error: str | None) -> RuntimeError:
 
 
 def get_ttt_ops(impl: str, layer_type: str, device: torch.device | str, head_dim: int | None = None) -> Callable:
-    """The inner-loop function (signature of `reference.ttt_linear` / `ttt_mlp`) for `layer_type` ("linear" or
+    """The inner-loop function (signature of `torch_chunk.ttt_linear` / `ttt_mlp`) for `layer_type` ("linear" or
     "mlp") with implementation `impl` ("torch", "triton", "cpp" or "auto", see `resolve_ttt_impl`) on `device`.
 
     With `head_dim` given, `"auto"` also falls back to the reference for head sizes the kernels do not handle
@@ -121,7 +125,7 @@ class Backend:
     """What the layers and the model run for one forward, resolved once (`get_backend`).
 
     name: "torch", "triton" or "cpp".
-    inner_loop: the chunk function of the layer type (the signature of `reference.ttt_linear` / `ttt_mlp`).
+    inner_loop: the chunk function of the layer type (the signature of `torch_chunk.ttt_linear` / `ttt_mlp`).
     model_step: `(model, hidden_states [B, 1, C], cache) -> hidden_states | None`, a one-token step through all
         blocks in one call, or None when the backend has none; it returns None itself where it cannot run (then
         the model runs its blocks).
@@ -140,6 +144,6 @@ def get_backend(impl: str, layer_type: str, device: torch.device | str, head_dim
     return Backend(name, inner_loop, model_step)
 
 
-__all__ = ["InnerState", "ttt_linear", "ttt_mlp", "ttt_sequential", "get_ttt_ops", "get_backend", "Backend", "resolve_ttt_impl",
+__all__ = ["InnerState", "ttt_linear", "ttt_mlp", "get_ttt_ops", "get_backend", "Backend", "resolve_ttt_impl",
            "TTT_IMPLEMENTATIONS",
            "triton_available", "TTT_IMPL_ENV"]

@@ -1,6 +1,6 @@
 """The TTT inner loop written to be read beside the paper (Sun et al. 2024, arXiv 2407.04620): the spec.
 
-Every backend (`reference.py`, the C++ decoding kernel, the Triton kernels) must give what this file gives; it has
+Every backend (`torch_chunk.py`, the C++ decoding kernel, the Triton kernels) must give what this file gives; it has
 no performance tricks, only explicit loops over rows, mini-batches and tokens (tests/test_ops_naive.py).
 
 For one row and head, the inner model `f(x; W)` is TTT-Linear's `x W + b` or TTT-MLP's `gelu(x W1 + b1) W2 + b2`
@@ -20,7 +20,7 @@ and outputs `x_q,i + LN(f(x_q,i; W_i))` (residual and LayerNorm, Sec. 2.7). At t
 Two forms compute this: `form="primal"` materialises `W_i` token by token; `form="dual"` (Sec. 2.6) takes one
 mini-batch at a time and never forms `W_i`, using masked `M×M` products instead. Both take a row's real tokens
 only: right padding (`num_tokens`) is cut off before anything is computed, so it cannot change the state or leak
-NaN/inf, and its outputs are zeros. Precision as in `reference.py`: float32 arithmetic and state for 16-bit inputs.
+NaN/inf, and its outputs are zeros. Precision as in `state.py`: float32 arithmetic and state for 16-bit inputs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from .reference import LAYER_NORM_EPS, InnerState, in_inner_dtype
+from .state import LAYER_NORM_EPS, InnerState, in_inner_dtype
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -170,7 +170,7 @@ def _ttt(num_weights, form, xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bia
         raise ValueError(f"the inner state must hold {num_weights} weights and {num_weights} gradient sums.")
     run = dual_form if form == "dual" else primal_form
     out_dtype = xq.dtype
-    # Precision (reference.py): compute and keep the state in float32 for 16-bit inputs, without autocast.
+    # Precision (state.py): compute and keep the state in float32 for 16-bit inputs, without autocast.
     xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state = in_inner_dtype(
         xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state)
     batch, heads, seq_len, head_dim = xq.shape
@@ -194,7 +194,7 @@ def _ttt(num_weights, form, xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bia
 
 def ttt_linear(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state: InnerState, num_tokens=None,
                checkpoint_group: int = 0, *, form: str = "dual") -> tuple[torch.Tensor, InnerState]:
-    """TTT-Linear over a chunk from `state` on: arguments and results as in `reference.ttt_linear` (outputs
+    """TTT-Linear over a chunk from `state` on: arguments and results as in `torch_chunk.ttt_linear` (outputs
     `[B, H, T, d]` in xq's dtype, zeros at padding; the new state). `form`: "dual" (Sec. 2.6) or "primal"
     (Eq. 6/7 token by token). `checkpoint_group` only trades memory in the other backends; it changes no value."""
     return _ttt(2, form, xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens)

@@ -1,6 +1,6 @@
 """C++ CPU kernels for decoding (`ttt_decode.cpp`), used under `ttt_impl="cpp"` (and `"auto"` on the CPU):
 
-* `ttt_linear` here: [`modeling_ttt.ops.reference.ttt_linear`] with its one-token steps (no autograd) run by the
+* `ttt_linear` here: [`modeling_ttt.ops.torch_chunk.ttt_linear`] with its one-token steps (no autograd) run by the
   `ttt_linear_decode` kernel; everything else (prefill, training, padding, other dtypes) is the reference itself.
   TTT-MLP has no kernel (`ttt_mlp` is the reference's).
 * `plan.decode_step`: a whole model's one-token step, every TTT-Linear block with its projections, norms and convs
@@ -35,8 +35,8 @@ import time
 import torch
 from transformers.utils import logging
 
-from .. import reference
-from ..reference import LAYER_NORM_EPS, InnerState
+from .. import torch_chunk
+from ..state import LAYER_NORM_EPS, InnerState
 
 try:
     import fcntl
@@ -208,10 +208,10 @@ def ttt_linear(
     num_tokens: torch.Tensor | None = None,
     checkpoint_group: int = 0,
 ) -> tuple[torch.Tensor, InnerState]:
-    """[`modeling_ttt.ops.reference.ttt_linear`], with decoding steps run by the C++ kernel (`ttt_impl="cpp"`:
+    """[`modeling_ttt.ops.torch_chunk.ttt_linear`], with decoding steps run by the C++ kernel (`ttt_impl="cpp"`:
     a kernel that cannot be built is a `RuntimeError`)."""
     if not decodes(xq, num_tokens, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, *state.weights, *state.grads):
-        return reference.ttt_linear(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens,
+        return torch_chunk.ttt_linear(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens,
                                     checkpoint_group)
     error = build_error()
     if error is not None:
@@ -231,7 +231,7 @@ def ttt_linear_or_reference(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bia
         from .. import _warn_cpp_unavailable
 
         _warn_cpp_unavailable(_build_result)
-    return reference.ttt_linear(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens,
+    return torch_chunk.ttt_linear(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens,
                                 checkpoint_group)
 
 
@@ -248,7 +248,7 @@ def state_after(state: InnerState, kernel_state: list[torch.Tensor]) -> InnerSta
     return InnerState(weights, tuple(kernel_state[:2]), state.seen + 1)
 
 
-ttt_mlp = reference.ttt_mlp  # TTT-MLP decodes with the reference
+ttt_mlp = torch_chunk.ttt_mlp  # TTT-MLP decodes with the reference
 
 __all__ = ["ttt_linear", "ttt_linear_or_reference", "ttt_mlp", "build_error", "known_build_error", "build_name",
            "decodes", "state_after"]

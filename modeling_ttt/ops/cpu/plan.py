@@ -22,7 +22,7 @@ from torch import nn
 from transformers.activations import SiLUActivation
 
 from .. import cpu as kernels
-from ..reference import LAYER_NORM_EPS, InnerState
+from ..state import LAYER_NORM_EPS, InnerState
 from . import BLOCK_PARAMETERS
 
 _DTYPES = (torch.float32, torch.float64)

@@ -4,7 +4,7 @@
 // The inner step first:
 // Returns [out, G_W, G_b] when no row ends its mini-batch (W0, b0 unchanged), else [out, G_W, G_b, W0, b0].
 //
-// The same numbers as `_ttt_one_token("linear", ...)` in modeling_ttt/ops/reference.py (read it first),
+// The same numbers as `_ttt_one_token("linear", ...)` in modeling_ttt/ops/torch_chunk.py (the spec is naive.py),
 // written as plain loops over each (row, head) so that a token costs one call instead of ~35 PyTorch kernels:
 // when decoding a small model on a CPU the per-kernel overhead, not the arithmetic, is what the step pays for.
 // tests/test_ops_cpu.py holds this file to the reference.

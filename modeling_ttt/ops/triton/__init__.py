@@ -1,4 +1,4 @@
-"""Fused Triton kernels of the TTT inner loop (same signatures as `modeling_ttt.ops.reference`).
+"""Fused Triton kernels of the TTT inner loop (same signatures as `modeling_ttt.ops.torch_chunk`).
 
 Importing this package needs `triton`; `modeling_ttt.ops.get_ttt_ops` imports it only when the Triton
 implementation is asked for. On CPU the kernels run only under Triton's interpreter (`TRITON_INTERPRET=1`, set

@@ -5,7 +5,7 @@ tile holds `M` real tokens and `D` real features. Every helper takes the feature
 keeps the padded lanes at exactly zero, so padded lanes never enter a mean, a variance or a matmul. Padded token
 rows carry a zero learning rate and a zero token scale, which removes them from every sum over tokens.
 
-The math is the one of `modeling_ttt/ops/reference.py` (`layer_norm`, `layer_norm_l2_grad`, `gelu_tanh`,
+The math is the one of `modeling_ttt/ops/torch_chunk.py` (`layer_norm`, `layer_norm_l2_grad`, `gelu_tanh`,
 `gelu_tanh_grad`) plus the backward passes of those pieces, derived by hand (checked against autograd through
 the reference by tests/test_triton.py).
 """

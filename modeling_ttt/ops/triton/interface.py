@@ -1,6 +1,6 @@
-"""Python side of the Triton kernels: the same `ttt_linear` / `ttt_mlp` signature as `reference.py`.
+"""Python side of the Triton kernels: the same `ttt_linear` / `ttt_mlp` signature as `torch_chunk.py`.
 
-Layout. The chunk is laid out in the reference's "aligned frame" (`_make_frame` / `_to_frame` / `_from_frame`,
+Layout. The chunk is laid out in the "aligned frame" of `frame.py` (`make_frame` / `to_frame` / `from_frame`,
 plain differentiable PyTorch gathers): row `b` is shifted right by `seen_b mod M` and padded, so the kernels only
 ever see whole aligned mini-batches `[B, H, K·M, d]` whose unused slots carry zero inputs and zero learning rate.
 What the kernels need besides the tensors is, per row, `end = shift + real tokens` (mini-batch `k` is complete
@@ -40,8 +40,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ..reference import (LAYER_NORM_EPS, InnerState, _check_inputs, _from_frame, _make_frame, _to_frame, inner_dtype,
-                         state_in_dtype)
+from ..frame import check_inputs, from_frame, make_frame, to_frame
+from ..state import LAYER_NORM_EPS, InnerState, inner_dtype, state_in_dtype
 from .chunk_linear import ttt_linear_bwd_kernel, ttt_linear_fwd_kernel
 from .chunk_mlp import ttt_mlp_bwd_kernel, ttt_mlp_fwd_kernel
 from .decode import ttt_linear_decode_kernel, ttt_mlp_decode_kernel
@@ -60,19 +60,19 @@ def supports(layer_type: str, head_dim: int) -> bool:
     return head_dim <= MAX_HEAD_DIM[layer_type]
 
 
-def _block(size: int) -> int:
+def block_size(size: int) -> int:
     """Tile size for a dimension: a power of two, at least 16 (the smallest `tl.dot` operand on tensor cores)."""
     return max(16, triton.next_power_of_2(size))
 
 
-def _num_warps(*block_sizes: int) -> int:
+def num_warps_for(*block_sizes: int) -> int:
     """8 warps once the register tiles are large (d = 64): ptxas (sm_90) then reports no spills for the
     TTT-Linear forward and ~3× fewer for the others than with 4 warps."""
     largest = max(a * b for a in block_sizes for b in block_sizes)
     return 8 if largest >= 64 * 64 else 4
 
 
-def _precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype) -> str:
     """`tl.dot` precision: 3×TF32 (about fp32 accuracy, on tensor cores) for fp32 inputs, TF32 for 16-bit ones."""
     return "tf32x3" if dtype in (torch.float32, torch.float64) else "tf32"
 
@@ -132,14 +132,14 @@ class _TTTChunk(torch.autograd.Function):
             ckpts = tuple(w.new_empty(rows, num_ckpt, *w.shape[2:]) for w in weights32)
         else:
             ckpts = weights32  # never written
-        common = dict(M=mini_batch_size, BLOCK_M=_block(mini_batch_size), D=dim, BLOCK_D=_block(dim),
-                      HAS_PENDING=has_pending, SAVE_CKPT=save, EPS=LAYER_NORM_EPS, PRECISION=_precision(xq.dtype),
-                      num_warps=_num_warps(_block(dim), _block(weights[0].shape[-1])))
+        common = dict(M=mini_batch_size, BLOCK_M=block_size(mini_batch_size), D=dim, BLOCK_D=block_size(dim),
+                      HAS_PENDING=has_pending, SAVE_CKPT=save, EPS=LAYER_NORM_EPS, PRECISION=dot_precision(xq.dtype),
+                      num_warps=num_warps_for(block_size(dim), block_size(weights[0].shape[-1])))
         if layer_type == "linear":
             kernel = ttt_linear_fwd_kernel
         else:
             kernel = ttt_mlp_fwd_kernel
-            common.update(F=weights[0].shape[-1], BLOCK_F=_block(weights[0].shape[-1]))
+            common.update(F=weights[0].shape[-1], BLOCK_F=block_size(weights[0].shape[-1]))
         kernel[(rows,)](xq, xk, xv, lr, token_scale, ln_weight, ln_bias, *weights32, *pending32, end,
                         out, *new_weights, *new_pending, *ckpts, heads, length, num_mini_batches, ckpt_every,
                         **common)
@@ -160,7 +160,7 @@ class _TTTChunk(torch.autograd.Function):
         batch, heads, length, dim = xq.shape
         mini_batch_size = token_scale.shape[0]
         rows = batch * heads
-        block_d, block_m = _block(dim), _block(mini_batch_size)
+        block_d, block_m = block_size(dim), block_size(mini_batch_size)
         f32 = dict(dtype=torch.float32, device=xq.device)
 
         d_out = torch.zeros_like(xq) if d_out is None else d_out.contiguous()
@@ -178,14 +178,14 @@ class _TTTChunk(torch.autograd.Function):
         else:
             scratch = ckpts  # unused
         common = dict(M=mini_batch_size, BLOCK_M=block_m, D=dim, BLOCK_D=block_d, HAS_PENDING=ctx.has_pending,
-                      EPS=LAYER_NORM_EPS, PRECISION=_precision(xq.dtype),
-                      num_warps=_num_warps(block_d, _block(ckpts[0].shape[-1])))
+                      EPS=LAYER_NORM_EPS, PRECISION=dot_precision(xq.dtype),
+                      num_warps=num_warps_for(block_d, block_size(ckpts[0].shape[-1])))
         if ctx.layer_type == "linear":
             kernel, extra = ttt_linear_bwd_kernel, ()
         else:
             kernel = ttt_mlp_bwd_kernel
             hidden = ckpts[0].shape[-1]
-            common.update(F=hidden, BLOCK_F=_block(hidden))
+            common.update(F=hidden, BLOCK_F=block_size(hidden))
             extra = (torch.empty(rows, dim, hidden, **f32), torch.empty(rows, hidden, dim, **f32))  # adjoints
         kernel[(rows,)](xq, xk, xv, lr, token_scale, ln_weight, ln_bias, *pending32, end, *ckpts, *scratch,
                         d_out, *d_state, d_xq, d_xk, d_xv, d_lr, d_scale, d_ln_w, d_ln_b, *d_weights, *d_pending,
@@ -212,18 +212,18 @@ def _chunk(layer_type, xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, st
             f"The Triton TTT-{'Linear' if layer_type == 'linear' else 'MLP'} kernels support head_dim <= "
             f"{MAX_HEAD_DIM[layer_type]}, got {dim}; use ttt_impl='torch' (or 'auto', which picks it for this size).")
     # The state is kept in the reference's inner dtype (float32 for 16-bit inputs); the kernels load 16-bit inputs
-    # as they are and compute in float32 (see "Precision" above and in reference.py).
+    # as they are and compute in float32 (see "Precision" above and in state.py).
     state = state_in_dtype(state, inner_dtype(xq.dtype))
     tensors = (xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, *state.weights, *state.grads)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if seq_len == 1 and not save:  # decoding: the primal-form kernel (no frame, no autograd)
         return _decode(layer_type, xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens)
-    frame = _make_frame(state.seen, num_tokens, seq_len, mini_batch_size)
+    frame = make_frame(state.seen, num_tokens, seq_len, mini_batch_size)
     has_pending = not frame.identity and bool(frame.shift.any())
     end = frame.end.to(torch.int32).contiguous()
 
     def framed(x):
-        return _to_frame(x, frame).contiguous()
+        return to_frame(x, frame).contiguous()
 
     ckpt_every = checkpoint_group if checkpoint_group > 0 else 1
     weights = tuple(w.contiguous() for w in state.weights)
@@ -231,7 +231,7 @@ def _chunk(layer_type, xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, st
     out, *new_state = _TTTChunk.apply(
         layer_type, has_pending, ckpt_every, save, end, framed(xq), framed(xk), framed(xv), framed(inner_lr),
         token_scale.contiguous(), ln_weight.contiguous(), ln_bias.contiguous(), *weights, *grads)
-    out = _from_frame(out, frame, seq_len)
+    out = from_frame(out, frame, seq_len)
     num_weights = len(state.weights)
     count = num_tokens if num_tokens is not None else torch.full_like(state.seen, seq_len)
     return out, InnerState(tuple(new_state[:num_weights]), tuple(new_state[num_weights:]), state.seen + count)
@@ -247,14 +247,14 @@ def _decode(layer_type, xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, s
     out = torch.empty_like(xq)
     new_weights = tuple(torch.empty_like(w) for w in weights)
     new_grads = tuple(torch.empty_like(g) for g in grads)
-    common = dict(D=dim, M=mini_batch_size, BLOCK_D=_block(dim), EPS=LAYER_NORM_EPS,
-                  num_warps=_num_warps(_block(dim)))
+    common = dict(D=dim, M=mini_batch_size, BLOCK_D=block_size(dim), EPS=LAYER_NORM_EPS,
+                  num_warps=num_warps_for(block_size(dim)))
     if layer_type == "linear":
         kernel = ttt_linear_decode_kernel
     else:
         kernel = ttt_mlp_decode_kernel
         hidden = weights[0].shape[-1]
-        common.update(F=hidden, BLOCK_F=min(_block(hidden), 32))  # slices of the hidden width (see decode.py)
+        common.update(F=hidden, BLOCK_F=min(block_size(hidden), 32))  # slices of the hidden width (see decode.py)
     kernel[(batch * heads,)](xq.contiguous(), xk.contiguous(), xv.contiguous(), inner_lr.contiguous(),
                              token_scale.contiguous(), ln_weight.contiguous(), ln_bias.contiguous(), *weights, *grads,
                              state.seen.contiguous(), count.to(torch.int32).contiguous(), out, *new_weights,
@@ -264,15 +264,15 @@ def _decode(layer_type, xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, s
 
 def ttt_linear(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state: InnerState, num_tokens=None,
                checkpoint_group: int = 0):
-    """Triton TTT-Linear; arguments and results as in `modeling_ttt.ops.reference.ttt_linear`."""
-    _check_inputs(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens, 2)
+    """Triton TTT-Linear; arguments and results as in `modeling_ttt.ops.torch_chunk.ttt_linear`."""
+    check_inputs(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens, 2)
     return _chunk("linear", xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens,
                   checkpoint_group)
 
 
 def ttt_mlp(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state: InnerState, num_tokens=None,
             checkpoint_group: int = 0):
-    """Triton TTT-MLP; arguments and results as in `modeling_ttt.ops.reference.ttt_mlp`."""
-    _check_inputs(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens, 4)
+    """Triton TTT-MLP; arguments and results as in `modeling_ttt.ops.torch_chunk.ttt_mlp`."""
+    check_inputs(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens, 4)
     return _chunk("mlp", xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens,
                   checkpoint_group)

@@ -1,42 +1,12 @@
-"""The TTT inner loop in plain PyTorch: the specification every kernel must match.
+"""The PyTorch backend of the TTT inner loop (`ttt_impl="torch"`, and what the CPU runs): the same results as the
+spec in `naive.py` (tests/test_ops_naive.py), computed fast.
 
-Notation follows Sun et al. 2024 (arXiv 2407.04620). For one head the inner model is `f(x; W)`; each token `t`
-defines the self-supervised loss (Eq. 4, with the learnable views of Sec. 2.3 and the LayerNorm of Sec. 2.7)
-
-    ℓ_t(W) = ‖ LN(f(x_k,t; W)) − (x_v,t − x_k,t) ‖²
-
-Mini-batch TTT (Sec. 2.5) takes all gradients of a mini-batch of `M` tokens at the weights `W₀` of the
-mini-batch start. Token `i` of the mini-batch (position `i`, inner learning rate `lr_i`, token scale `s_i`) sees
-
-    W_i = W₀ − s_i · (G + Σ_{j ≤ i} lr_j ∇ℓ_j(W₀))          (Eq. 6/7, with G = 0 at a mini-batch start)
-
-and outputs `x_q,i + LN(f(x_q,i; W_i))`. At the end of the mini-batch `W₀ ← W_{M−1}` and `G ← 0`.
-
-`InnerState` keeps exactly what that rule needs between calls: `W₀` (and biases), the pending gradient sum `G`
-of an unfinished mini-batch, and `seen`, the number of tokens each row has consumed. The functions here take
-a state and a chunk of any length and return the outputs and the new state, so a sequence can be fed whole, in
-pieces, or a token at a time with identical results. Inside a call, whole mini-batches use the dual form
-(Sec. 2.6): the per-token weights are never materialised; the correction is a masked `M×M` product instead.
-
-Rows of a batch may sit at different positions inside their mini-batch (different `seen`), and may hold fewer
-real tokens than the chunk (right padding, `num_tokens`). Both are handled by laying every row out in an
-"aligned frame" whose mini-batches start at multiples of `M`: row `b` is shifted right by `seen_b mod M`;
-the unused slots carry zero inputs and zero learning rate, so they change nothing. A chunk that ends inside every
-row's current mini-batch (a short prompt) skips the frame: the same step is applied to its `T` slots directly, each
-with the token scale of its own position (`_ttt_within_mini_batch`); one token per row (decoding) takes the primal
-form directly (`_ttt_one_token`).
-
-Precision. The inner loop computes, and keeps its state (`W₀`, `b₀`, `G`), in `inner_dtype(x.dtype)`: float32
-for 16-bit inputs (bf16, fp16), else the inputs' own dtype (float32, float64). Everything that enters it — the
-views, learning rates, token scales, the inner LayerNorm's parameters and the state, including the layer's learned
-initial weights — is cast to that dtype (autograd flows through the casts), autocast is switched off inside, and
-the outputs are returned in the dtype of `xq`. Why: the state is a model trained by one small step per mini-batch
-over the whole sequence; in bf16 (8 mantissa bits) a step below 2⁻⁹ of a weight is rounded away and thousands of
-them drift. The official JAX layer behaves the same way: its inner weights, token scales and learning-rate gates
-are created in `param_dtype` (float32 in every official run) and JAX's type promotion makes every product with
-them float32 whatever the activation `dtype`, with the layer's output in the activation dtype. (Its LayerNorms
-round their outputs to the activation dtype inside the loop; here they stay float32, a difference of bf16
-rounding.) The cache therefore stores the state in float32 for a 16-bit model.
+Notation as in `naive.py` and `state.py`. Inside a call, whole mini-batches use the dual form (Sec. 2.6): the
+per-token weights are never materialised; the correction is a masked `M×M` product instead. Rows at different
+positions and right padding are laid out in the aligned frame of `frame.py`. A chunk that ends inside every row's
+current mini-batch (a short prompt) skips the frame: the same step is applied to its `T` slots directly, each with
+the token scale of its own position (`_ttt_within_mini_batch`); one token per row (decoding) takes the primal form
+directly (`_ttt_one_token`). Precision: `state.py`.
 
 Speed notes (CPU, where this file is what runs): TTT-Linear's loop works on `[W; b]` with a constant-1 input
 feature, so each mini-batch is seven kernels (two products with `W₀`, the LayerNorm-l2 gradient as ATen's LayerNorm
@@ -47,57 +17,14 @@ computed for all mini-batches before the loop; without autograd the weight updat
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-LAYER_NORM_EPS = 1e-6
+from .frame import check_inputs, from_frame, make_frame, to_frame
+from .state import LAYER_NORM_EPS, InnerState, in_inner_dtype
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
-
-@dataclass
-class InnerState:
-    """State of one TTT layer's inner models, for every row and head.
-
-    weights: `(W1, b1)` for TTT-Linear or `(W1, b1, W2, b2)` for TTT-MLP; `W` is `[B, H, in, out]`,
-        `b` is `[B, H, 1, out]`. These are the weights at the start of each row's current mini-batch.
-    grads: the learning-rate-weighted gradient sums `G` of the unfinished mini-batch, same shapes
-        (zero at a mini-batch boundary).
-    seen: `[B]` int64, tokens consumed per row; the next token sits at position `seen mod M` of its mini-batch.
-    """
-
-    weights: tuple[torch.Tensor, ...]
-    grads: tuple[torch.Tensor, ...]
-    seen: torch.Tensor
-
-    @classmethod
-    def initial(cls, weights: tuple[torch.Tensor, ...], batch_size: int) -> "InnerState":
-        """Fresh state from the layer's learned initial weights `[H, in, out]` (kept differentiable)."""
-        expanded = tuple(w.unsqueeze(0).expand(batch_size, *w.shape) for w in weights)
-        grads = tuple(torch.zeros_like(w) for w in expanded)
-        seen = torch.zeros(batch_size, dtype=torch.long, device=weights[0].device)
-        return cls(expanded, grads, seen)
-
-
-def inner_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the inner loop's arithmetic and state for inputs of `dtype` (see "Precision" above)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def state_in_dtype(state: InnerState, dtype: torch.dtype) -> InnerState:
-    """`state` with its weights and gradient sums in `dtype` (the same object when they already are)."""
-    if all(w.dtype == dtype for w in (*state.weights, *state.grads)):
-        return state
-    return InnerState(tuple(w.to(dtype) for w in state.weights), tuple(g.to(dtype) for g in state.grads), state.seen)
-
-
-def in_inner_dtype(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state: InnerState):
-    """The op arguments cast to `inner_dtype(xq.dtype)` (no copies when they already are)."""
-    dtype = inner_dtype(xq.dtype)
-    cast = [t if t.dtype == dtype else t.to(dtype) for t in (xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias)]
-    return (*cast, state_in_dtype(state, dtype))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -142,63 +69,6 @@ def gelu_tanh_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Aligned frame: per-row shifts so that mini-batches start at multiples of M
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Frame:
-    """How a chunk `[B, H, T, ·]` maps into the aligned frame `[B, H, K·M, ·]`."""
-
-    identity: bool  # the chunk already is the frame (no shift, no padding inside the first K·M slots)
-    length: int  # K·M
-    gather_index: torch.Tensor | None  # [B, K·M] chunk index of each frame slot
-    valid: torch.Tensor | None  # [B, K·M] slot holds a real token
-    shift: torch.Tensor  # [B] seen mod M
-    end: torch.Tensor  # [B] shift + num_tokens: frame slots used by each row
-
-
-def _make_frame(seen: torch.Tensor, num_tokens: torch.Tensor | None, seq_len: int, mini_batch_size: int) -> _Frame:
-    shift = seen % mini_batch_size
-    count = num_tokens if num_tokens is not None else torch.full_like(seen, seq_len)
-    end = shift + count
-    max_end = int(end.max()) if end.numel() else 0
-    length = max(1, math.ceil(max_end / mini_batch_size)) * mini_batch_size
-    # The common case (fresh or boundary-aligned state, no padding) needs no gather at all.
-    if not bool(shift.any()) and num_tokens is None:
-        return _Frame(True, length, None, None, shift, end)
-    slots = torch.arange(length, device=seen.device)
-    index = slots.unsqueeze(0) - shift.unsqueeze(1)
-    valid = (index >= 0) & (index < count.unsqueeze(1))
-    return _Frame(False, length, index.clamp(0, max(seq_len - 1, 0)), valid, shift, end)
-
-
-def _to_frame(x: torch.Tensor, frame: _Frame) -> torch.Tensor:
-    """[B, H, T, *] -> [B, H, K·M, *] with zeros in unused slots."""
-    seq_len = x.shape[2]
-    if frame.identity:
-        if seq_len == frame.length:
-            return x
-        pad = [0, 0] * (x.dim() - 3) + [0, frame.length - seq_len]
-        return F.pad(x, pad)
-    index = frame.gather_index.view(x.shape[0], 1, frame.length, *([1] * (x.dim() - 3)))
-    out = torch.gather(x, 2, index.expand(-1, x.shape[1], -1, *x.shape[3:]))
-    mask = frame.valid.view(x.shape[0], 1, frame.length, *([1] * (x.dim() - 3)))
-    return out.masked_fill(~mask, 0.0)
-
-
-def _from_frame(y: torch.Tensor, frame: _Frame, seq_len: int) -> torch.Tensor:
-    """[B, H, K·M, d] -> [B, H, T, d]; positions past a row's `num_tokens` come out as zeros."""
-    if frame.identity:
-        return y[:, :, :seq_len]
-    positions = torch.arange(seq_len, device=y.device)
-    index = (positions.unsqueeze(0) + frame.shift.unsqueeze(1)).clamp(max=frame.length - 1)
-    out = torch.gather(y, 2, index.view(y.shape[0], 1, seq_len, 1).expand(-1, y.shape[1], -1, y.shape[3]))
-    real = (positions.unsqueeze(0) + frame.shift.unsqueeze(1)) < frame.end.unsqueeze(1)
-    return out.masked_fill(~real.view(y.shape[0], 1, seq_len, 1), 0.0)
-
-
-# --------------------------------------------------------------------------------------------------------------
 # The chunk function
 # --------------------------------------------------------------------------------------------------------------
 
@@ -231,13 +101,13 @@ def _ttt_chunk(
             # Every row's chunk ends inside (or at the end of) its current mini-batch: decoding, short prompts.
             return _ttt_within_mini_batch(layer_type, xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state,
                                           num_tokens, shift, shifts, ends)
-    frame = _make_frame(state.seen, num_tokens, seq_len, mini_batch_size)
+    frame = make_frame(state.seen, num_tokens, seq_len, mini_batch_size)
     num_mini_batches = frame.length // mini_batch_size
 
     def to_steps(x: torch.Tensor) -> torch.Tensor:
         """[B, H, T, *] -> [K, B, H, M, *], a view where the frame allows (the step inputs below are built from
         it in one pass each, already in step-major order)."""
-        return _to_frame(x, frame).unflatten(2, (num_mini_batches, mini_batch_size)).movedim(2, 0)
+        return to_frame(x, frame).unflatten(2, (num_mini_batches, mini_batch_size)).movedim(2, 0)
 
     lr_s = to_steps(inner_lr)  # [K, B, H, M]; zero at unused slots
     pending_scale = token_scale.view(-1, 1)  # [M, 1]: slot i of every row sits at position i
@@ -313,7 +183,7 @@ def _ttt_chunk(
     xq_s = per_step[1][..., :head_dim] if layer_type == "linear" else per_step[0]
     out = xq_s + layer_norm(z_bar, ln_w, ln_b)
     out = out.view(num_mini_batches, batch, heads, mini_batch_size, head_dim).movedim(0, 2)
-    out = _from_frame(out.reshape(batch, heads, frame.length, head_dim), frame, seq_len)
+    out = from_frame(out.reshape(batch, heads, frame.length, head_dim), frame, seq_len)
 
     new_weights = _unpack(layer_type, carry[:num_weights], batch, heads)
     new_grads = _unpack(layer_type, carry[num_weights:], batch, heads)
@@ -591,27 +461,6 @@ def _mlp_step(weights, pending, inputs, pending_scale, ln_w_sq):
     return z2_bar, increments
 
 
-def _check_inputs(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens, num_weights):
-    batch, heads, seq_len, head_dim = xq.shape
-    if xk.shape != xq.shape or xv.shape != xq.shape:
-        raise ValueError(f"xq, xk, xv must share a shape [B, H, T, d]; got {xq.shape}, {xk.shape}, {xv.shape}.")
-    if inner_lr.shape != (batch, heads, seq_len):
-        raise ValueError(f"inner_lr must be [B, H, T] = {(batch, heads, seq_len)}, got {tuple(inner_lr.shape)}.")
-    if token_scale.dim() != 1:
-        raise ValueError(f"token_scale must be [mini_batch_size], got {tuple(token_scale.shape)}.")
-    if ln_weight.shape != (heads, head_dim) or ln_bias.shape != (heads, head_dim):
-        raise ValueError(f"ln_weight/ln_bias must be [H, d] = {(heads, head_dim)}.")
-    if len(state.weights) != num_weights or len(state.grads) != num_weights:
-        raise ValueError(f"the inner state must hold {num_weights} weights and {num_weights} gradient sums.")
-    if state.seen.shape != (batch,):
-        raise ValueError(f"state.seen must be [B] = [{batch}], got {tuple(state.seen.shape)}.")
-    for w in (*state.weights, *state.grads):
-        if w.shape[:2] != (batch, heads):
-            raise ValueError(f"inner state tensors must start with [B, H] = {(batch, heads)}, got {tuple(w.shape)}.")
-    if num_tokens is not None and num_tokens.shape != (batch,):
-        raise ValueError(f"num_tokens must be [B] = [{batch}], got {tuple(num_tokens.shape)}.")
-
-
 def _in_precision(layer_type, xq, *args) -> tuple[torch.Tensor, InnerState]:
     """`_ttt_chunk` in `inner_dtype` without autocast, the outputs back in the dtype of `xq` ("Precision")."""
     device_type = xq.device.type
@@ -650,7 +499,7 @@ def ttt_linear(
     Returns:
         `[B, H, T, d]` outputs `x_q + LN(f(x_q))` (zeros at padding) and the state after the chunk.
     """
-    _check_inputs(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens, 2)
+    check_inputs(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens, 2)
     return _in_precision("linear", xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens,
                          checkpoint_group)
 
@@ -668,54 +517,6 @@ def ttt_mlp(
     checkpoint_group: int = 0,
 ) -> tuple[torch.Tensor, InnerState]:
     """TTT-MLP over a chunk, from `state` on; arguments as in [`ttt_linear`], with a 4-tensor state."""
-    _check_inputs(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens, 4)
+    check_inputs(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens, 4)
     return _in_precision("mlp", xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens,
                          checkpoint_group)
-
-
-def ttt_sequential(
-    layer_type: str,
-    xq: torch.Tensor,
-    xk: torch.Tensor,
-    xv: torch.Tensor,
-    inner_lr: torch.Tensor,
-    token_scale: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    state: InnerState,
-) -> tuple[torch.Tensor, InnerState]:
-    """Primal form, one token at a time, literally as Eq. 6/7 reads (slow; a second spec for the tests).
-
-    Materialises `W_i` for every token and takes gradients with autograd, so it shares no code with the dual
-    form above beyond the LayerNorm forward."""
-    batch, heads, seq_len, head_dim = xq.shape
-    mini_batch_size = token_scale.shape[0]
-    ln_w, ln_b = ln_weight.view(1, heads, 1, head_dim), ln_bias.view(1, heads, 1, head_dim)
-    weights = [w.clone() for w in state.weights]
-    grads = [g.clone() for g in state.grads]
-    seen = state.seen.clone()
-
-    def inner_model(x, params):
-        if layer_type == "linear":
-            return x @ params[0] + params[1]
-        return gelu_tanh(x @ params[0] + params[1]) @ params[2] + params[3]
-
-    outputs = []
-    for t in range(seq_len):
-        position = seen % mini_batch_size  # [B]
-        scale = token_scale[position].view(batch, 1, 1, 1)
-        with torch.enable_grad():
-            params = [w.detach().requires_grad_(True) for w in weights]
-            z = inner_model(xk[:, :, t : t + 1], params)
-            loss = 0.5 * (layer_norm(z, ln_w, ln_b) - (xv[:, :, t : t + 1] - xk[:, :, t : t + 1])).pow(2).sum()
-            token_grads = torch.autograd.grad(loss, params)
-        lr = inner_lr[:, :, t].view(batch, heads, 1, 1)
-        grads = [g + lr * tg for g, tg in zip(grads, token_grads)]
-        current = [w - scale * g for w, g in zip(weights, grads)]
-        outputs.append(xq[:, :, t : t + 1] + layer_norm(inner_model(xq[:, :, t : t + 1], current), ln_w, ln_b))
-        seen = seen + 1
-        done = (seen % mini_batch_size == 0).view(batch, 1, 1, 1)
-        weights = [torch.where(done, c, w) for c, w in zip(current, weights)]
-        grads = [torch.where(done, torch.zeros_like(g), g) for g in grads]
-    out = torch.cat(outputs, dim=2) if outputs else xq[:, :, :0]
-    return out, InnerState(tuple(weights), tuple(grads), seen)
