@@ -7,8 +7,9 @@ Two console scripts live here:
 * `ttt-convert-to-jax` (`main_to_jax`): a Hugging Face model folder → a `streaming_params` file that upstream's
   `StreamingCheckpointer` loads (`--load_part=params`-style), optionally with a matching upstream config.json.
 
-Both check the weights against the config tensor by tensor, and write their output in one step (temporary
-sibling, then rename) so a failed run never leaves a half-written model behind.
+Both check the weights against the config tensor by tensor, and write all their outputs together or not at all
+(`conversion.outputs.write_outputs`): a failed or interrupted run leaves neither a half-written model nor the
+folders it would have created.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,9 @@ from .msgpack_checkpoint import (
     FLOAT_DTYPES,
     CheckpointFormatError,
     read_checkpoint_params,
-    write_streaming_checkpoint,
+    write_streaming_records,
 )
+from .outputs import Output, check_output, write_outputs
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -46,7 +46,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 
 
 class ConversionError(ValueError):
-    """The conversion cannot proceed (bad input, mismatching weights, or an output that would be clobbered)."""
+    """The conversion cannot proceed (bad input or mismatching weights; a refused output is an `OutputError`)."""
 
 
 # What TTTConfig raises for a bad value: its own checks give ValueError, huggingface_hub's `@strict` wraps them.
@@ -59,7 +59,7 @@ def _config_error_message(exc: BaseException) -> str:
     return str(cause)
 
 
-# Everything the CLIs report as a one-line `error:` rather than a traceback.
+# Everything the CLIs report as a one-line `error:` rather than a traceback (OutputError is an OSError).
 _USER_ERRORS = (ConversionError, ConfigConversionError, ParameterMappingError, CheckpointFormatError, OSError)
 
 
@@ -80,32 +80,6 @@ def _torch_to_numpy(tensor: torch.Tensor) -> np.ndarray:
 def _check_dtype(dtype: str) -> None:
     if dtype not in TORCH_DTYPES:
         raise ConversionError(f"unsupported dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
-
-
-def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConversionError(f"output {output_dir} exists and is not a directory")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise ConversionError(f"output directory {output_dir} is not empty; pass --overwrite to replace it")
-
-
-def _replace_dir(source: Path, target: Path) -> None:
-    """Move the finished folder `source` to `target`, replacing whatever is there only now that it succeeded."""
-    if target.is_dir() and any(target.iterdir()):
-        backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, backup / target.name)
-        os.replace(source, target)
-        shutil.rmtree(backup)
-    else:
-        # rename(2) replaces an empty directory atomically.
-        os.replace(source, target)
-
-
-def _current_umask() -> int:
-    # The only portable way to read the umask is to set it; restore it at once.
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @contextlib.contextmanager
@@ -157,17 +131,21 @@ def convert_jax_checkpoint(
         dtype: dtype of the saved weights: "float32", "bfloat16" or "float16". Converting a bf16 checkpoint to
             float32 is exact.
         config_update: fields overriding the config, as upstream's `--update_model_config` takes them.
-        overwrite: replace a non-empty `output_dir` (only once the new folder is complete).
+        overwrite: replace a non-empty `output_dir` (only once the new folder is complete), or a symlink there.
         progress: show progress bars.
 
     Returns:
         `output_dir`.
+
+    Raises:
+        ConversionError, ConfigConversionError, ParameterMappingError, CheckpointFormatError: bad input.
+        OutputError: `output_dir` is refused (see `conversion.outputs.check_output`) or cannot be written.
     """
     from modeling_ttt import TTTConfig
 
     _check_dtype(dtype)
     output_dir = Path(output_dir)
-    _check_output_dir(output_dir, overwrite)
+    check_output(output_dir, is_dir=True, overwrite=overwrite)
 
     kwargs = jax_config_to_hf_kwargs(load_jax_config(jax_config, config_update))
     try:
@@ -199,17 +177,11 @@ def convert_jax_checkpoint(
     if still_empty:
         raise ConversionError(f"model weights left unset after loading: {', '.join(still_empty)}")
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
-        # mkdtemp makes the folder private (0700); give the final folder the mode a plain mkdir would.
-        staging.chmod(0o777 & ~_current_umask())
+    def save(folder: Path) -> None:
         with _transformers_progress_bars(progress):
-            model.save_pretrained(staging)
-        _replace_dir(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            model.save_pretrained(folder)
+
+    write_outputs([Output(output_dir, save, is_dir=True)], overwrite=overwrite)
     return output_dir
 
 
@@ -267,18 +239,17 @@ def convert_hf_to_jax(
 
     The tensors are exactly what upstream's model holds (inverse layout transforms), cast to `dtype`
     ("float32", "bfloat16" or "float16") like upstream's `float_dtype` does. `jax_config_file`, if given,
-    receives the matching upstream `ModelConfig` as JSON (loadable with `json::PATH`).
+    receives the matching upstream `ModelConfig` as JSON (loadable with `json::PATH`); the two files are written
+    together or not at all.
     """
     if dtype not in FLOAT_DTYPES:
         raise ConversionError(f"unsupported dtype {dtype!r}; choose one of {', '.join(FLOAT_DTYPES)}")
     model_dir = Path(model_dir)
     output_file = Path(output_file)
-    outputs = [output_file] + ([Path(jax_config_file)] if jax_config_file is not None else [])
-    for path in outputs:
-        if path.is_dir():
-            raise ConversionError(f"output {path} is a directory")
-        if path.exists() and not overwrite:
-            raise ConversionError(f"output file {path} exists; pass --overwrite to replace it")
+    config_file = Path(jax_config_file) if jax_config_file is not None else None
+    for path in (output_file, config_file):
+        if path is not None:
+            check_output(path, overwrite=overwrite)
 
     hf_config = _read_hf_config(model_dir)
     jax_config = hf_config_to_jax_config(hf_config)
@@ -288,12 +259,14 @@ def convert_hf_to_jax(
     state_dict = {key: _torch_to_numpy(tensor) for key, tensor in weights.items()}
     params = hf_to_jax(state_dict, specs, jax_parameter_shapes(hf_config), ignored_hf_keys=tied)
 
-    output_file.parent.mkdir(parents=True, exist_ok=True)
-    write_streaming_checkpoint(output_file, params, dtype=dtype, progress=progress)
-    if jax_config_file is not None:
-        config_path = Path(jax_config_file)
-        config_path.parent.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(json.dumps(jax_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    def write_checkpoint(temporary: Path) -> None:
+        write_streaming_records(temporary, params, dtype=dtype, progress=progress, name=output_file.name)
+
+    outputs = [Output(output_file, write_checkpoint)]
+    if config_file is not None:
+        text = json.dumps(jax_config, indent=2, sort_keys=True) + "\n"
+        outputs.append(Output(config_file, lambda temporary: temporary.write_text(text, encoding="utf-8")))
+    write_outputs(outputs, overwrite=overwrite)
     return output_file
 
 
@@ -327,7 +300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--output", required=True, help="output model folder")
     parser.add_argument("--dtype", choices=tuple(TORCH_DTYPES), default="float32", help="saved weight dtype")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty output folder (or a symlink at --output)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
@@ -357,7 +332,9 @@ def main_to_jax(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="output streaming_params file")
     parser.add_argument("--dtype", choices=tuple(FLOAT_DTYPES), default="float32", help="stored float dtype")
     parser.add_argument("--jax-config-output", help="also write the matching upstream ModelConfig JSON here")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace existing output files (a symlink is replaced, not followed)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,8 @@ import ml_dtypes
 import msgpack
 import numpy as np
 from tqdm.auto import tqdm
+
+from .outputs import Output, write_outputs
 
 KeyPath = tuple[str, ...]
 """A flattened flax key. Elements may themselves contain "/" (e.g. `"ttt_norm/scale"`), so never join them."""
@@ -279,6 +280,36 @@ def _cast(array: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
     return array.astype(dtype)
 
 
+def _check_writable(tensors: Mapping[KeyPath, np.ndarray], dtype: str | None) -> np.dtype | None:
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(FLOAT_DTYPES)}")
+    for key in tensors:
+        if not (isinstance(key, tuple) and key and all(isinstance(element, str) for element in key)):
+            raise ValueError(f"checkpoint keys must be non-empty tuples of str, got {key!r}")
+    return FLOAT_DTYPES[dtype] if dtype is not None else None
+
+
+def write_streaming_records(
+    path: str | os.PathLike[str],
+    tensors: Mapping[KeyPath, np.ndarray],
+    *,
+    dtype: str | None = None,
+    progress: bool = False,
+    name: str | None = None,
+) -> None:
+    """Write `tensors` to the file `path` as it is, with no temporary and no rename.
+
+    This is the body of `write_streaming_checkpoint`, for callers that make a whole set of outputs atomic
+    themselves (`conversion.outputs.write_outputs`). `name` is what the progress bar shows (default: the file's).
+    """
+    path = Path(path)
+    target_dtype = _check_writable(tensors, dtype)
+    with open(path, "wb") as out:
+        for key in tqdm(sorted(tensors), desc=f"writing {name or path.name}", unit="tensor", disable=not progress):
+            value = encode_value(_cast(np.asarray(tensors[key]), target_dtype))
+            out.write(msgpack.packb([list(key), value], use_bin_type=True))
+
+
 def write_streaming_checkpoint(
     path: str | os.PathLike[str],
     tensors: Mapping[KeyPath, np.ndarray],
@@ -290,25 +321,15 @@ def write_streaming_checkpoint(
 
     Records are written in sorted key order, which is the order upstream's own files have. `dtype`
     ("float32", "bfloat16", "float16") casts floating tensors (round to nearest even), like upstream's
-    `float_dtype`. The file is written beside its destination and renamed into place only once complete,
-    so a failure never leaves a truncated checkpoint behind.
+    `float_dtype`. The file is written beside its destination and renamed into place only once complete
+    (`conversion.outputs.write_outputs`), so a failure never leaves a truncated checkpoint behind; an existing
+    file, or a symlink, at `path` is replaced.
     """
     path = Path(path)
-    if dtype is not None and dtype not in FLOAT_DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(FLOAT_DTYPES)}")
-    target_dtype = FLOAT_DTYPES[dtype] if dtype is not None else None
-    for key in tensors:
-        if not (isinstance(key, tuple) and key and all(isinstance(element, str) for element in key)):
-            raise ValueError(f"checkpoint keys must be non-empty tuples of str, got {key!r}")
+    _check_writable(tensors, dtype)  # before any temporary is made
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for key in tqdm(sorted(tensors), desc=f"writing {path.name}", unit="tensor", disable=not progress):
-                value = encode_value(_cast(np.asarray(tensors[key]), target_dtype))
-                out.write(msgpack.packb([list(key), value], use_bin_type=True))
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    def write(temporary: Path) -> None:
+        write_streaming_records(temporary, tensors, dtype=dtype, progress=progress, name=path.name)
+
+    write_outputs([Output(path, write)], overwrite=True)
     return path

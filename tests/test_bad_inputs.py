@@ -1,0 +1,413 @@
+"""Bad input and faults given to the converters: never a hang, never a silently different model, never partial output.
+
+`CORPUS` is a table of bad inputs, each with the exit status and a phrase of the one-line error that the CLI must give,
+and the exception type the library raises. Every case runs the real CLI in its own interpreter under a timeout (so a
+regression to a hang fails its test instead of stalling CI), and `find` must then show that it left nothing behind:
+no temporary, no parent folder created, no input changed. The scenarios after the table kill a conversion part-way
+(SIGKILL), and check which leftovers of earlier runs count as stale.
+
+The inputs are the small upstream fixtures of `fixtures/ttt_jax/` (see its README), edited.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import conversion.jax
+from conversion.jax import convert_jax_checkpoint, main, main_to_jax
+from conversion.outputs import OutputError
+
+FIXTURES = Path(__file__).parent / "fixtures" / "ttt_jax"
+CHECKPOINT = FIXTURES / "ttt_linear" / "streaming_params"  # float32, hidden size 64
+JAX_CONFIG = FIXTURES / "ttt_linear" / "config.json"
+# Longest a converter process may take (they take seconds); past it the process is killed and the case fails.
+PROCESS_TIMEOUT = 120
+# Fault processes run this many at a time: the CI machine has two cores, and each process mostly imports torch.
+PARALLEL = 2
+
+# ------------------------------------------------------------------------------------------------ running the CLIs
+
+ENTRY_POINTS = {"ttt-convert-jax": "main", "ttt-convert-to-jax": "main_to_jax"}
+
+
+def _command(cli: str, args: Sequence[str], setup: str = "") -> list[str]:
+    """A fresh interpreter running `cli` on `args`, after `setup` (Python code that instruments the run)."""
+    program = f"import sys\nfrom conversion import jax\n{setup}\nsys.exit(jax.{ENTRY_POINTS[cli]}(sys.argv[1:]))"
+    return [sys.executable, "-c", program, *args, "--quiet"]
+
+
+def _limit_file_size(limit: int) -> Callable[[], None]:
+    def limit_in_child() -> None:
+        # With SIGXFSZ ignored, a write past the limit fails with EFBIG, as a write to a full disk fails with ENOSPC,
+        # instead of killing the process.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return limit_in_child
+
+
+@dataclass(frozen=True)
+class Finished:
+    returncode: int | None  # None: killed after PROCESS_TIMEOUT
+    stdout: str
+    stderr: str
+
+
+def _run_all(commands: Mapping[str, tuple[list[str], Callable[[], None] | None]]) -> dict[str, Finished]:
+    """Run the commands `PARALLEL` at a time, each killed after `PROCESS_TIMEOUT` seconds.
+
+    Started from the main thread with no other thread around, so `preexec_fn` is safe. Output goes to files rather
+    than pipes, so a chatty process cannot block on a full pipe.
+    """
+    waiting = list(commands.items())
+    running: dict[str, tuple[subprocess.Popen[bytes], float, Any, Any]] = {}
+    finished: dict[str, Finished] = {}
+    while waiting or running:
+        while waiting and len(running) < PARALLEL:
+            name, (argv, preexec_fn) = waiting.pop(0)
+            stdout, stderr = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+            process = subprocess.Popen(argv, stdout=stdout, stderr=stderr, preexec_fn=preexec_fn)
+            running[name] = (process, time.monotonic() + PROCESS_TIMEOUT, stdout, stderr)
+        time.sleep(0.05)
+        for name, (process, deadline, stdout, stderr) in list(running.items()):
+            timed_out = process.poll() is None and time.monotonic() >= deadline
+            if process.returncode is None and not timed_out:
+                continue
+            if timed_out:
+                process.kill()
+                process.wait()
+            texts = []
+            for stream in (stdout, stderr):
+                stream.seek(0)
+                texts.append(stream.read().decode(errors="replace"))
+                stream.close()
+            finished[name] = Finished(None if timed_out else process.returncode, *texts)
+            del running[name]
+    return finished
+
+
+def _tree(folder: Path) -> list[str]:
+    """What `find` lists under `folder`: every entry with its type, and for files their size and mtime, for links
+    their target (a folder's own mtime is left out: making and removing a temporary inside it changes it)."""
+    listing = subprocess.run(
+        ["find", str(folder), "-mindepth", "1",
+         "(", "-type", "d", "-printf", "%P/\\n", ")", "-o", "-printf", "%P %y %s %T@ %l\\n"],
+        capture_output=True, text=True, check=True, timeout=30,
+    ).stdout
+    return sorted(listing.splitlines())
+
+
+def _assert_one_line_error(finished: Finished, exit_code: int, *phrases: str) -> str:
+    assert finished.returncode is not None, f"timed out after {PROCESS_TIMEOUT} s: {finished.stderr[-2000:]}"
+    assert "Traceback" not in finished.stderr, finished.stderr
+    lines = [line for line in finished.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), finished.stderr
+    assert finished.returncode == exit_code, (finished.returncode, finished.stderr)
+    assert "wrote" not in finished.stdout
+    for phrase in phrases:
+        assert phrase in lines[0], (phrase, lines[0])
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------------------- inputs
+
+
+def _jax_args(checkpoint: Path, folder: Path, *extra: str) -> list[str]:
+    return ["--checkpoint", str(checkpoint), "--jax-config", str(JAX_CONFIG), "--output", str(folder / "new" / "model"),
+            *extra]
+
+
+def _to_jax_args(model: Path, folder: Path, *extra: str) -> list[str]:
+    return ["--model", str(model), "--output", str(folder / "new" / "streaming_params"), *extra]
+
+
+def _symlinked_output(folder: Path) -> list[str]:
+    (folder / "real").mkdir()
+    (folder / "link").symlink_to("real")
+    return ["--checkpoint", str(CHECKPOINT), "--jax-config", str(JAX_CONFIG), "--output", str(folder / "link")]
+
+
+def _config_under_a_file(folder: Path, model: Path) -> list[str]:
+    (folder / "a_file").write_text("not a folder")
+    return _to_jax_args(model, folder, "--jax-config-output", str(folder / "a_file" / "config.json"))
+
+
+def _dangling_config_link(folder: Path, model: Path) -> list[str]:
+    (folder / "config_link.json").symlink_to("nowhere.json")
+    return _to_jax_args(model, folder, "--jax-config-output", str(folder / "config_link.json"))
+
+
+# ---------------------------------------------------------------------------------------------------------- corpus
+
+
+@dataclass(frozen=True)
+class BadInput:
+    """One bad input: how to make it, and how the converter must refuse it.
+
+    Attributes:
+        cli: the console script.
+        make: writes the input under the case's folder (given the folder and a good model folder to start from) and
+            returns the CLI arguments; outputs go to a `new/` folder that must not be created.
+        error: the exception the library raises (checked in-process too, unless the fault is made in the process
+            by `file_size_limit` or `instrument`).
+        phrases: parts of the one-line error message.
+        exit_code: the CLI's exit status.
+        file_size_limit: RLIMIT_FSIZE for the process, to simulate a full disk.
+        instrument: Python code run in the process before the CLI, to make a fault there.
+    """
+
+    cli: str
+    make: Callable[[Path, Path], list[str]]
+    error: type[BaseException]
+    phrases: tuple[str, ...]
+    exit_code: int = 2
+    file_size_limit: int | None = None
+    instrument: str = ""
+
+
+# Makes the rename of the second output (config.json) into place fail once, as an I/O error would.
+FAIL_SECOND_RENAME = """
+import errno, os
+rename = os.rename
+failed = []
+def failing_rename(source, destination):
+    if os.path.basename(destination) == "config.json" and not failed:
+        failed.append(destination)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    rename(source, destination)
+os.rename = failing_rename
+"""
+
+
+def _previous_checkpoint(folder: Path, model: Path) -> list[str]:
+    (folder / "out").mkdir()
+    (folder / "out" / "streaming_params").write_bytes(b"previous checkpoint")
+    return ["--model", str(model), "--output", str(folder / "out" / "streaming_params"), "--overwrite",
+            "--jax-config-output", str(folder / "new" / "config.json")]
+
+
+CORPUS: dict[str, BadInput] = {
+    # ttt-convert-jax: outputs
+    "jax_output_is_a_symlink": BadInput(
+        "ttt-convert-jax",
+        lambda f, m: _symlinked_output(f),
+        OutputError, ("symbolic link", "refusing to write through it", "--overwrite to replace the link itself"),
+    ),
+    # ttt-convert-to-jax: outputs
+    "to_jax_disk_full": BadInput(
+        "ttt-convert-to-jax",
+        lambda f, m: _to_jax_args(m, f),
+        OutputError, ("cannot write", "new/streaming_params", "File too large"), file_size_limit=100_000,
+    ),
+    # A dangling link is the dangerous one: writing through it creates its target, wherever that is. (A link to an
+    # existing file is refused the same way; --overwrite replaces the link: test_overwrite_replaces_a_symlink...)
+    "symlinked_jax_config_output": BadInput(
+        "ttt-convert-to-jax",
+        _dangling_config_link,
+        OutputError, ("config_link.json is a symbolic link (to nowhere.json)", "refusing to write through it",
+                      "--overwrite to replace the link itself"),
+    ),
+    "jax_config_output_under_a_file": BadInput(  # the second output cannot be written: the first must not be either
+        "ttt-convert-to-jax",
+        _config_under_a_file,
+        OutputError, ("cannot create", "a_file/config.json", "a_file exists and is not a directory"),
+    ),
+    "both_outputs_one_path": BadInput(
+        "ttt-convert-to-jax",
+        lambda f, m: _to_jax_args(m, f, "--jax-config-output", str(f / "new" / "streaming_params")),
+        OutputError, ("two outputs of this run are the same path",),
+    ),
+    # The second output fails as it is renamed into place: the first, already in place, is taken out again and the
+    # file it replaced put back, and the folder made for the second is removed (the `find` check sees all that).
+    "second_output_fails_to_rename": BadInput(
+        "ttt-convert-to-jax",
+        _previous_checkpoint,
+        OutputError, ("cannot move", "new/config.json", "into place", "Input/output error"),
+        instrument=FAIL_SECOND_RENAME,
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def good_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fixture converted to a Hugging Face folder, the starting point of the to-jax cases."""
+    return convert_jax_checkpoint(CHECKPOINT, JAX_CONFIG, tmp_path_factory.mktemp("good") / "model")
+
+
+@dataclass(frozen=True)
+class CaseRun:
+    folder: Path
+    args: list[str]
+    before: list[str]
+    finished: Finished
+
+
+@pytest.fixture(scope="module")
+def corpus_runs(tmp_path_factory: pytest.TempPathFactory, good_model: Path) -> dict[str, CaseRun]:
+    """Every corpus case, made in its own folder and run in its own process (all at once, `PARALLEL` at a time)."""
+    made = {}
+    for name, case in CORPUS.items():
+        folder = tmp_path_factory.mktemp(name)
+        args = case.make(folder, good_model)
+        made[name] = (folder, args, _tree(folder))
+    finished = _run_all({
+        name: (_command(CORPUS[name].cli, args, CORPUS[name].instrument),
+               _limit_file_size(CORPUS[name].file_size_limit) if CORPUS[name].file_size_limit else None)
+        for name, (_, args, _) in made.items()
+    })
+    return {name: CaseRun(folder, args, before, finished[name]) for name, (folder, args, before) in made.items()}
+
+
+@pytest.mark.parametrize("name", list(CORPUS))
+def test_bad_input(name: str, corpus_runs: dict[str, CaseRun], monkeypatch: pytest.MonkeyPatch) -> None:
+    case, run = CORPUS[name], corpus_runs[name]
+    _assert_one_line_error(run.finished, case.exit_code, *case.phrases)
+    assert _tree(run.folder) == run.before  # no temporary, no created folder, no input touched
+
+    if case.file_size_limit is not None or case.instrument:
+        return  # the fault is made in the child process only
+    # In-process, with the CLI's error handling turned off, the library raises exactly this type.
+    monkeypatch.setattr(conversion.jax, "_USER_ERRORS", ())
+    entry = {"ttt-convert-jax": main, "ttt-convert-to-jax": main_to_jax}[case.cli]
+    with pytest.raises(case.error) as error:
+        entry([*run.args, "--quiet"])
+    assert type(error.value) is case.error
+    for phrase in case.phrases:
+        assert phrase in str(error.value), (phrase, str(error.value))
+    assert _tree(run.folder) == run.before
+
+
+# ------------------------------------------------------------------------------------------- faults part-way through
+
+# Instruments a run to stop just before its outputs are renamed into place, every temporary written: it touches
+# the file named by $TTT_TEST_MARKER, then sleeps until the test signals it.
+PAUSE_BEFORE_RENAMES = """
+import os, time
+from conversion import outputs
+marker = os.environ["TTT_TEST_MARKER"]
+commit = outputs._commit
+def paused_commit(staged, overwrite):
+    open(marker, "w").close()
+    time.sleep(PROCESS_TIMEOUT)
+    commit(staged, overwrite)
+outputs._commit = paused_commit
+""".replace("PROCESS_TIMEOUT", str(PROCESS_TIMEOUT))
+
+
+def _start_paused(cli: str, args: list[str], marker: Path) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        _command(cli, args, PAUSE_BEFORE_RENAMES), env={**os.environ, "TTT_TEST_MARKER": str(marker)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + PROCESS_TIMEOUT
+    while not marker.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"the run did not reach its renames: {process.communicate()[1][-2000:]}")
+        time.sleep(0.05)
+    return process
+
+
+def _stop(process: subprocess.Popen[str], signum: int) -> str:
+    process.send_signal(signum)
+    try:
+        _, stderr = process.communicate(timeout=PROCESS_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError(f"the run did not end within {PROCESS_TIMEOUT} s of {signal.Signals(signum).name}")
+    # It ends by the signal itself, as a shell reports it (128 + N), not with an error of its own.
+    assert process.returncode == -signum, (process.returncode, stderr)
+    return stderr
+
+
+def _names(folder: Path) -> list[str]:
+    return [line.split(" ")[0] for line in _tree(folder)]
+
+
+MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors"]
+
+
+def test_killed_conversion_leaves_a_temporary_that_only_the_next_run_removes(tmp_path: Path) -> None:
+    folder = tmp_path / "work"
+    folder.mkdir()
+    args = _jax_args(CHECKPOINT, folder)
+    killed = _start_paused("ttt-convert-jax", args, tmp_path / "marker")
+    # The temporary is in the nearest folder that exists, so that `new/` is created only once everything is written.
+    [temporary] = folder.iterdir()
+    assert temporary.name.startswith(f".model.tmp-{killed.pid}-")
+    assert _names(folder) == [f"{temporary.name}/", *(f"{temporary.name}/{name}" for name in MODEL_FILES)]
+
+    # A run for the same output meanwhile leaves the live run's temporary alone.
+    assert main([*args, "--quiet"]) == 0
+    assert temporary.is_dir()
+
+    _stop(killed, signal.SIGKILL)
+    assert temporary.is_dir()  # nothing can clean up after SIGKILL...
+    assert main([*args, "--quiet", "--overwrite"]) == 0
+    # ...but the next run for the same output does, and succeeds.
+    assert _names(folder) == ["new/", "new/model/", *(f"new/model/{name}" for name in MODEL_FILES)]
+
+
+# ------------------------------------------------------------------------------------------ stale temporaries rule
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_only_stale_temporaries_of_the_same_output_are_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conversion import outputs
+
+    host, dead, live = outputs._HOST, _dead_pid(), os.getppid()
+    names = {
+        "dead owner": f".model.tmp-{dead}-{host}-0123abcd",
+        "live owner": f".model.tmp-{live}-{host}-0123abcd",
+        "other machine": f".model.tmp-{dead}-elsewhere-0123abcd",
+        "another output's": f".other.tmp-{dead}-{host}-0123abcd",
+        "not our naming": f".model.tmp-{dead}-{host}-xyz",
+    }
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"partial")
+    # A previous output moved aside by a run that died before putting the new one in place comes back.
+    (tmp_path / f".model.old-{dead}-{host}-89abcdef").write_text("previous model")
+
+    removed = outputs.remove_stale_temporaries(tmp_path, "model")
+    assert [path.name for path in removed] == [names["dead owner"]]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        [names[key] for key in ("live owner", "other machine", "another output's", "not our naming")] + ["model"])
+    assert (tmp_path / "model").read_text() == "previous model"
+
+    # Untouched for longer than the bound, a temporary of ours is stale whoever owns it.
+    later = time.time() + outputs.STALE_AFTER_SECONDS + 60
+    monkeypatch.setattr(outputs.time, "time", lambda: later)
+    removed = outputs.remove_stale_temporaries(tmp_path, "model")
+    assert sorted(path.name for path in removed) == sorted([names["live owner"], names["other machine"]])
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        [names["another output's"], names["not our naming"], "model"])
+
+
+def test_overwrite_replaces_a_symlink_not_its_target(tmp_path: Path, good_model: Path) -> None:
+    (tmp_path / "target.json").write_text("precious")
+    (tmp_path / "config.json").symlink_to("target.json")
+    args = ["--model", str(good_model), "--output", str(tmp_path / "streaming_params"),
+            "--jax-config-output", str(tmp_path / "config.json"), "--overwrite", "--quiet"]
+    assert main_to_jax(args) == 0
+    assert not (tmp_path / "config.json").is_symlink()
+    assert json.loads((tmp_path / "config.json").read_text())["seq_modeling_block"] == "ttt_linear"
+    assert (tmp_path / "target.json").read_text() == "precious"
