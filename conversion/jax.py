@@ -18,7 +18,9 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -270,13 +272,50 @@ def convert_hf_to_jax(
     return output_file
 
 
+# Signals that ask a CLI run to stop. Python's default for them ends the process on the spot, skipping the cleanup
+# that removes a half-written output; raising instead lets `finally`/`except` blocks run, as for Ctrl-C.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class _Stopped(BaseException):
+    """Raised in the main thread when a stop signal arrives (a BaseException, so `except Exception` lets it by)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    # Further stop signals are ignored from here on, so that they cannot interrupt the cleanup this one starts.
+    for stop_signal in _STOP_SIGNALS:
+        signal.signal(stop_signal, signal.SIG_IGN)
+    raise _Stopped(signum)
+
+
 def _run(action: Any) -> int:
+    """Run a CLI action: one `error:` line and exit status 2 for a user error.
+
+    A stop signal interrupts the action like Ctrl-C does (its cleanup runs), and is then handed to whatever handled
+    it before: by default that ends the process by the signal, so a caller sees how the run ended.
+    """
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in _STOP_SIGNALS} if in_main_thread else {}
+    stopped_by = None
     try:
         action()
     except _USER_ERRORS as exc:
         message = " ".join(str(exc).split())  # one line, whatever the exception text holds
         print(f"error: {message}", file=sys.stderr)
         return 2
+    except _Stopped as exc:
+        stopped_by = exc.signum
+    finally:
+        for sig, handler in previous.items():
+            # None: the handler was not set from Python; the default is the best stand-in.
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+    if stopped_by is not None:
+        signal.raise_signal(stopped_by)
+        return 128 + stopped_by  # the previous handler did not end the process (it ignores the signal)
     return 0
 
 

@@ -4,7 +4,7 @@
 and the exception type the library raises. Every case runs the real CLI in its own interpreter under a timeout (so a
 regression to a hang fails its test instead of stalling CI), and `find` must then show that it left nothing behind:
 no temporary, no parent folder created, no input changed. The scenarios after the table kill a conversion part-way
-(SIGKILL), and check which leftovers of earlier runs count as stale.
+(SIGKILL, SIGTERM), and check which leftovers of earlier runs count as stale.
 
 The inputs are the small upstream fixtures of `fixtures/ttt_jax/` (see its README), edited.
 """
@@ -28,6 +28,7 @@ import pytest
 
 import conversion.jax
 from conversion.jax import convert_jax_checkpoint, main, main_to_jax
+from conversion.msgpack_checkpoint import read_streaming_checkpoint
 from conversion.outputs import OutputError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ttt_jax"
@@ -359,6 +360,27 @@ def test_killed_conversion_leaves_a_temporary_that_only_the_next_run_removes(tmp
     assert main([*args, "--quiet", "--overwrite"]) == 0
     # ...but the next run for the same output does, and succeeds.
     assert _names(folder) == ["new/", "new/model/", *(f"new/model/{name}" for name in MODEL_FILES)]
+
+
+def test_terminated_conversion_cleans_up_and_keeps_the_previous_outputs(tmp_path: Path, good_model: Path) -> None:
+    folder = tmp_path / "work"
+    folder.mkdir()
+    (folder / "streaming_params").write_bytes(b"previous checkpoint")
+    (folder / "config.json").write_text("previous config")
+    before = _tree(folder)
+    args = ["--model", str(good_model), "--output", str(folder / "streaming_params"),
+            "--jax-config-output", str(folder / "config.json"), "--overwrite"]
+
+    terminated = _start_paused("ttt-convert-to-jax", args, tmp_path / "marker")
+    assert len([entry for entry in folder.iterdir() if ".tmp-" in entry.name]) == 2  # both outputs written
+    stderr = _stop(terminated, signal.SIGTERM)
+    assert "Traceback" not in stderr
+    assert _tree(folder) == before  # temporaries removed by the run itself, previous outputs untouched
+
+    assert main_to_jax([*args, "--quiet"]) == 0
+    assert read_streaming_checkpoint(folder / "streaming_params").keys() == read_streaming_checkpoint(CHECKPOINT).keys()
+    assert json.loads((folder / "config.json").read_text())["seq_modeling_block"] == "ttt_linear"
+    assert _names(folder) == ["config.json", "streaming_params"]
 
 
 # ------------------------------------------------------------------------------------------ stale temporaries rule
