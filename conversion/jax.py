@@ -29,6 +29,7 @@ import ml_dtypes
 import numpy as np
 import torch
 from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 
 from .jax_config import ConfigConversionError, hf_config_to_jax_config, jax_config_to_hf_kwargs, load_jax_config
 from .jax_params import ParameterMappingError, hf_to_jax, jax_parameter_shapes, jax_to_hf, parameter_specs
@@ -180,8 +181,12 @@ def convert_jax_checkpoint(
         raise ConversionError(f"model weights left unset after loading: {', '.join(still_empty)}")
 
     def save(folder: Path) -> None:
-        with _transformers_progress_bars(progress):
-            model.save_pretrained(folder)
+        try:
+            with _transformers_progress_bars(progress):
+                model.save_pretrained(folder)
+        except SafetensorError as exc:
+            # safetensors reports its I/O failures (a full disk) as its own type; they are OSErrors to write_outputs.
+            raise OSError(str(exc)) from exc
 
     write_outputs([Output(output_dir, save, is_dir=True)], overwrite=overwrite)
     return output_dir
@@ -207,13 +212,21 @@ def _read_hf_config(model_dir: Path) -> dict[str, Any]:
         raise ConversionError(f"{config_file}: invalid TTT config: {_config_error_message(exc)}") from exc
 
 
-def _read_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    try:
+        return load_file(file)
+    except SafetensorError as exc:
+        # A truncated or corrupted file; safetensors' message says which part is wrong.
+        raise ConversionError(f"{file}: not a valid safetensors file: {exc}") from exc
+
+
+def _read_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     single = model_dir / "model.safetensors"
     index = model_dir / "model.safetensors.index.json"
     if single.is_file():
-        return load_file(single)
+        return _load_safetensors(single)
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -223,7 +236,7 @@ def _read_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
             raise ConversionError(f"{index}: weight_map must map tensor names to shard file names")
         tensors: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):
-            tensors.update(load_file(model_dir / shard))
+            tensors.update(_load_safetensors(model_dir / shard))
         return tensors
     raise ConversionError(f"{model_dir} has neither model.safetensors nor model.safetensors.index.json")
 

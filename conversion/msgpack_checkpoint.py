@@ -34,6 +34,8 @@ _EXT_NATIVE_COMPLEX = 2
 _EXT_NPSCALAR = 3
 # Marker of flax's chunked form for arrays over 2**30 bytes.
 _CHUNKED_MARKER = "__msgpack_chunked_array__"
+# numpy dtype kinds of bool, signed and unsigned integers, floats and complex numbers.
+_NUMERIC_KINDS = frozenset("biufc")
 
 # In a train-state file the model parameters live under this prefix; `mu`/`nu` of the optimizer
 # repeat every parameter path further down, so matching by suffix would be wrong.
@@ -78,9 +80,17 @@ def _dtype_from_name(name: str) -> np.dtype:
     # numpy does not know "bfloat16"; flax writes numpy's `dtype.name`, which for ml_dtypes is "bfloat16".
     if name == "bfloat16":
         return np.dtype(ml_dtypes.bfloat16)
-    dtype = np.dtype(name)
-    if dtype.hasobject or dtype.itemsize == 0:
-        raise ValueError(f"dtype {name!r} cannot hold raw array data")
+    try:
+        dtype = np.dtype(name)
+    except TypeError:
+        raise ValueError(f"unknown dtype {name!r}") from None
+    # numpy also parses names of strings, dates, records and objects, which no tensor of a model is.
+    if dtype.kind not in _NUMERIC_KINDS:
+        raise ValueError(f"dtype {name!r} is not a numeric dtype this reader supports "
+                         "(bool, integer, float, complex or bfloat16)")
+    # flax writes `dtype.name`, which never names a byte order, and the machine's own bytes.
+    if not dtype.isnative:
+        raise ValueError(f"dtype {name!r} is not in this machine's byte order, which flax never writes")
     return dtype
 
 
@@ -135,9 +145,20 @@ def _decode_chunked(obj: dict[str, Any]) -> np.ndarray:
     shape = _indexed_values(obj.get("shape"), "shape")
     if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
         raise ValueError(f"chunked array has an invalid shape {shape!r}")
-    chunks = [_decode_leaf(chunk).reshape(-1) for chunk in _indexed_values(obj.get("chunks"), "chunks")]
+    chunks = []
+    for index, chunk in enumerate(_indexed_values(obj.get("chunks"), "chunks")):
+        # flax splits an array into plain ndarray chunks, one level deep; decoding anything else recursively would
+        # let a crafted file nest chunks until the interpreter's recursion limit.
+        if not (isinstance(chunk, msgpack.ExtType) and chunk.code == _EXT_NDARRAY):
+            found = "a chunked array itself" if isinstance(chunk, dict) else f"a msgpack {type(chunk).__name__}"
+            raise ValueError(f"chunk {index} of a chunked array is {found}, expected an ndarray ExtType")
+        chunks.append(_decode_ndarray_payload(chunk.data).reshape(-1))
     if not chunks:
         raise ValueError("chunked array has no chunks")
+    dtypes = sorted({chunk.dtype.name for chunk in chunks})
+    if len(dtypes) > 1:
+        # np.concatenate would promote them to a common dtype: a silently different tensor.
+        raise ValueError(f"chunks of a chunked array have different dtypes: {', '.join(dtypes)}")
     flat = np.concatenate(chunks)
     if flat.size != math.prod(shape):
         raise ValueError(f"chunked array holds {flat.size} elements, shape {tuple(shape)} needs {math.prod(shape)}")
@@ -156,6 +177,13 @@ def encode_value(array: np.ndarray) -> bytes:
     return msgpack.packb(msgpack.ExtType(_EXT_NDARRAY, payload), use_bin_type=True)
 
 
+def _msgpack_problem(exc: BaseException) -> str:
+    # msgpack's StackError (nesting deeper than its limit) comes with an empty message.
+    if isinstance(exc, msgpack.exceptions.StackError):
+        return "msgpack data nested too deeply"
+    return str(exc) or type(exc).__name__
+
+
 def _raw_records(path: Path, stream: BinaryIO, progress: bool) -> Iterator[tuple[int, KeyPath, bytes]]:
     """Yield `(record_index, key_path, value_bytes)`; check structure and that the file ends on a record boundary."""
     size = os.fstat(stream.fileno()).st_size
@@ -172,7 +200,7 @@ def _raw_records(path: Path, stream: BinaryIO, progress: bool) -> Iterator[tuple
                 break
             except (ValueError, TypeError, msgpack.UnpackException) as exc:
                 raise CheckpointFormatError(
-                    f"{path}: record {index} (at byte {consumed}) is not valid msgpack: {exc}"
+                    f"{path}: record {index} (at byte {consumed}) is not valid msgpack: {_msgpack_problem(exc)}"
                 ) from exc
             if not (isinstance(record, list) and len(record) == 2):
                 found = f"a {len(record)}-element array" if isinstance(record, list) else f"a msgpack {type(record).__name__}"
@@ -206,7 +234,7 @@ def _decode_record(path: Path, index: int, key: KeyPath, value: bytes) -> np.nda
     try:
         return decode_value(value)
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise CheckpointFormatError(f"{path}: record {index} {format_key(key)}: {exc}") from exc
+        raise CheckpointFormatError(f"{path}: record {index} {format_key(key)}: {_msgpack_problem(exc)}") from exc
 
 
 def iter_records(path: str | os.PathLike[str], *, progress: bool = False) -> Iterator[tuple[KeyPath, np.ndarray]]:

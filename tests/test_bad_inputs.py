@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,16 +25,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgpack
+import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 import conversion.jax
-from conversion.jax import convert_jax_checkpoint, main, main_to_jax
-from conversion.msgpack_checkpoint import read_streaming_checkpoint
+from conversion.jax import ConversionError, convert_jax_checkpoint, main, main_to_jax
+from conversion.msgpack_checkpoint import (
+    CheckpointFormatError,
+    KeyPath,
+    encode_value,
+    read_streaming_checkpoint,
+)
 from conversion.outputs import OutputError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ttt_jax"
 CHECKPOINT = FIXTURES / "ttt_linear" / "streaming_params"  # float32, hidden size 64
 JAX_CONFIG = FIXTURES / "ttt_linear" / "config.json"
+FINAL_NORM = ("model", "ln_f", "kernel")  # a [64] float32 tensor of the fixture
 # Longest a converter process may take (they take seconds); past it the process is killed and the case fails.
 PROCESS_TIMEOUT = 120
 # Fault processes run this many at a time: the CI machine has two cores, and each process mostly imports torch.
@@ -126,9 +137,62 @@ def _assert_one_line_error(finished: Finished, exit_code: int, *phrases: str) ->
 # --------------------------------------------------------------------------------------------------------- inputs
 
 
+def _records(tensors: Mapping[KeyPath, np.ndarray], raw: Mapping[KeyPath, bytes] = {}) -> bytes:
+    """A streaming checkpoint of `tensors`, with the value bytes of the keys in `raw` replaced as given."""
+    return b"".join(
+        msgpack.packb([list(key), raw[key] if key in raw else encode_value(tensors[key])], use_bin_type=True)
+        for key in sorted(tensors)
+    )
+
+
+def _checkpoint(folder: Path, edit: Callable[[dict[KeyPath, np.ndarray]], Any] = lambda t: None,
+                raw: Mapping[KeyPath, bytes] = {}) -> Path:
+    tensors = read_streaming_checkpoint(CHECKPOINT)
+    edit(tensors)
+    path = folder / "in" / "streaming_params"
+    path.parent.mkdir()
+    path.write_bytes(_records(tensors, raw))
+    return path
+
+
+def _nested_chunks(depth: int) -> bytes:
+    """A flax chunked array whose single chunk is a chunked array, `depth` levels down to a [64] float32 array.
+
+    Packed by hand: msgpack's own packer refuses to nest this deep, while its unpacker (limit 1024) reads it.
+    """
+    value = msgpack.packb(msgpack.unpackb(encode_value(np.ones(64, np.float32))), use_bin_type=True)
+    head = b"".join(msgpack.packb(item) for item in ("__msgpack_chunked_array__", True, "shape", [64], "chunks"))
+    for _ in range(depth):
+        value = b"\x83" + head + b"\x91" + value  # a 3-entry map, whose "chunks" is a 1-element array
+    return value
+
+
+def _foreign_byte_order() -> bytes:
+    """The value bytes of a [64] float32 array stored big-endian, under a dtype name flax never writes (">f4")."""
+    payload = msgpack.packb([[64], ">f4", np.ones(64, ">f4").tobytes()], use_bin_type=True)
+    return msgpack.packb(msgpack.ExtType(1, payload), use_bin_type=True)
+
+
 def _jax_args(checkpoint: Path, folder: Path, *extra: str) -> list[str]:
     return ["--checkpoint", str(checkpoint), "--jax-config", str(JAX_CONFIG), "--output", str(folder / "new" / "model"),
             *extra]
+
+
+def _model(folder: Path, source: Path, edit: Callable[[dict[str, torch.Tensor]], Any] | None = None,
+           weights: bytes | None = None) -> Path:
+    """A copy of the model folder `source` under `folder`, its weights edited or replaced by raw bytes."""
+    model = folder / "in" / "model"
+    model.mkdir(parents=True)
+    for name in ("config.json", "generation_config.json"):
+        shutil.copy(source / name, model / name)
+    if weights is not None:
+        (model / "model.safetensors").write_bytes(weights)
+    else:
+        tensors = load_file(source / "model.safetensors")
+        if edit is not None:
+            edit(tensors)
+        save_file(tensors, model / "model.safetensors")
+    return model
 
 
 def _to_jax_args(model: Path, folder: Path, *extra: str) -> list[str]:
@@ -201,11 +265,38 @@ def _previous_checkpoint(folder: Path, model: Path) -> list[str]:
 
 
 CORPUS: dict[str, BadInput] = {
+    # ttt-convert-jax: bad records
+    "record_with_non_numeric_dtype": BadInput(
+        "ttt-convert-jax",
+        lambda f, m: _jax_args(_checkpoint(f, raw={FINAL_NORM: encode_value(np.zeros(64, "datetime64[s]"))}), f),
+        CheckpointFormatError, ('"model", "ln_f", "kernel"', "datetime64[s]", "not a numeric dtype"),
+    ),
+    "record_with_foreign_byte_order": BadInput(
+        "ttt-convert-jax",
+        lambda f, m: _jax_args(_checkpoint(f, raw={FINAL_NORM: _foreign_byte_order()}), f),
+        CheckpointFormatError, ('"model", "ln_f", "kernel"', "byte order"),
+    ),
+    "chunks_nested_400_deep": BadInput(
+        "ttt-convert-jax",
+        lambda f, m: _jax_args(_checkpoint(f, raw={FINAL_NORM: _nested_chunks(400)}), f),
+        CheckpointFormatError, ('"model", "ln_f", "kernel"', "chunk 0 of a chunked array is a chunked array itself"),
+    ),
     # ttt-convert-jax: outputs
+    "jax_disk_full": BadInput(
+        "ttt-convert-jax",
+        lambda f, m: _jax_args(CHECKPOINT, f),
+        OutputError, ("cannot write", "new/model", "File too large"), file_size_limit=100_000,
+    ),
     "jax_output_is_a_symlink": BadInput(
         "ttt-convert-jax",
         lambda f, m: _symlinked_output(f),
         OutputError, ("symbolic link", "refusing to write through it", "--overwrite to replace the link itself"),
+    ),
+    # ttt-convert-to-jax: bad weights
+    "truncated_safetensors": BadInput(
+        "ttt-convert-to-jax",
+        lambda f, m: _to_jax_args(_model(f, m, weights=(m / "model.safetensors").read_bytes()[:100_000]), f),
+        ConversionError, ("model.safetensors", "not a valid safetensors file"),
     ),
     # ttt-convert-to-jax: outputs
     "to_jax_disk_full": BadInput(
@@ -289,6 +380,20 @@ def test_bad_input(name: str, corpus_runs: dict[str, CaseRun], monkeypatch: pyte
     for phrase in case.phrases:
         assert phrase in str(error.value), (phrase, str(error.value))
     assert _tree(run.folder) == run.before
+
+
+def test_reader_refuses_chunks_of_different_dtypes(tmp_path: Path) -> None:
+    # np.concatenate would promote float16 and float32 chunks to one float32 tensor without a word.
+    chunk = {
+        "__msgpack_chunked_array__": True,
+        "shape": [4],
+        "chunks": [msgpack.ExtType(1, msgpack.packb([[2], dtype, np.ones(2, dtype).tobytes()]))
+                   for dtype in ("float32", "float16")],
+    }
+    path = tmp_path / "streaming_params"
+    path.write_bytes(msgpack.packb([["big"], msgpack.packb(chunk)]))
+    with pytest.raises(CheckpointFormatError, match=r'record 0 \["big"\]: .*different dtypes: float16, float32'):
+        read_streaming_checkpoint(path)
 
 
 # ------------------------------------------------------------------------------------------- faults part-way through
