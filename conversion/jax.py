@@ -7,9 +7,10 @@ Two console scripts live here:
 * `ttt-convert-to-jax` (`main_to_jax`): a Hugging Face model folder → a `streaming_params` file that upstream's
   `StreamingCheckpointer` loads (`--load_part=params`-style), optionally with a matching upstream config.json.
 
-Both check the weights against the config tensor by tensor, and write all their outputs together or not at all
-(`conversion.outputs.write_outputs`): a failed or interrupted run leaves neither a half-written model nor the
-folders it would have created.
+Both check the weights against the config tensor by tensor, refuse weights that would silently give a different
+model (NaN or inf, integer or bool tensors, values the chosen dtype cannot hold) unless told otherwise, and write
+all their outputs together or not at all (`conversion.outputs.write_outputs`): a failed or interrupted run leaves
+neither a half-written model nor the folders it would have created.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from .jax_params import ParameterMappingError, hf_to_jax, jax_parameter_shapes, 
 from .msgpack_checkpoint import (
     FLOAT_DTYPES,
     CheckpointFormatError,
+    format_key,
     read_checkpoint_params,
     write_streaming_records,
 )
@@ -65,6 +67,14 @@ def _config_error_message(exc: BaseException) -> str:
 # Everything the CLIs report as a one-line `error:` rather than a traceback (OutputError is an OSError).
 _USER_ERRORS = (ConversionError, ConfigConversionError, ParameterMappingError, CheckpointFormatError, OSError)
 
+# Dtypes a stored weight is converted from as a matter of course.
+_FLOAT_SOURCE_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
+# Dtypes converted only when asked (--allow-non-float): a model's weights are floats, so an integer or bool tensor
+# usually means a wrong, corrupted or quantized checkpoint, and casting it would silently give another model.
+_CASTABLE_DTYPES = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"})
+# How many tensors an error message lists before summarising the rest.
+_MAX_LISTED = 8
+
 
 def _numpy_to_torch(array: np.ndarray) -> torch.Tensor:
     # torch.from_numpy does not understand ml_dtypes' bfloat16; reinterpret its bits instead (exact).
@@ -83,6 +93,64 @@ def _torch_to_numpy(tensor: torch.Tensor) -> np.ndarray:
 def _check_dtype(dtype: str) -> None:
     if dtype not in TORCH_DTYPES:
         raise ConversionError(f"unsupported dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
+
+
+def _listed(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    if len(items) > _MAX_LISTED:
+        shown += f", … and {len(items) - _MAX_LISTED} more"
+    return shown
+
+
+def _refuse_non_float(source: Path, dtypes: Mapping[str, str], *, allow_non_float: bool) -> None:
+    """Refuse tensors that are not floating point, unless `allow_non_float` (then integers and bools are cast).
+
+    `dtypes` maps each tensor's name, as the user's file calls it, to its dtype name (numpy's and torch's agree).
+    """
+    unsupported = [f"{name} ({dtype})" for name, dtype in dtypes.items()
+                   if dtype not in _FLOAT_SOURCE_DTYPES and dtype not in _CASTABLE_DTYPES]
+    if unsupported:
+        raise ConversionError(
+            f"{source}: {len(unsupported)} tensor(s) of a dtype that cannot be converted "
+            f"(expected {', '.join(sorted(_FLOAT_SOURCE_DTYPES))}): {_listed(unsupported)}"
+        )
+    non_float = [f"{name} ({dtype})" for name, dtype in dtypes.items() if dtype in _CASTABLE_DTYPES]
+    if non_float and not allow_non_float:
+        raise ConversionError(
+            f"{source}: {len(non_float)} tensor(s) are not floating point, which a model's weights are: "
+            f"{_listed(non_float)}; pass --allow-non-float to cast them anyway"
+        )
+
+
+def _refuse_non_finite(
+    source: Path, tensors: Iterable[tuple[str, np.ndarray, np.ndarray]], dtype: str, *, allow_non_finite: bool
+) -> None:
+    """Refuse NaN or infinite weights (unless `allow_non_finite`), and finite ones that `dtype` cannot hold.
+
+    `tensors` yields `(name, as stored, as converted to dtype)`. A value that was finite and is not any more
+    overflowed the dtype (e.g. 1e5 in float16): always refused, since the flag is about the input's own values.
+    """
+    non_finite, overflowed = [], []
+    for name, stored, converted in tensors:
+        bad_stored = int(np.count_nonzero(~np.isfinite(stored)))
+        bad_converted = int(np.count_nonzero(~np.isfinite(converted)))
+        if bad_stored and not allow_non_finite:
+            non_finite.append(f"{name} ({bad_stored} of {stored.size} values)")
+        if bad_converted > bad_stored:
+            overflowed.append(f"{name} ({bad_converted - bad_stored} values)")
+    problems = []
+    if non_finite:
+        problems.append(
+            f"{len(non_finite)} tensor(s) hold NaN or infinite values: {_listed(non_finite)}; "
+            "pass --allow-non-finite to convert them anyway"
+        )
+    if overflowed:
+        problems.append(
+            f"{len(overflowed)} tensor(s) hold values beyond the range of {dtype}, which would become infinite: "
+            f"{_listed(overflowed)}; choose a wider --dtype"
+        )
+    if problems:
+        raise ConversionError(f"{source}: " + "; ".join(problems))
 
 
 @contextlib.contextmanager
@@ -123,6 +191,8 @@ def convert_jax_checkpoint(
     *,
     overwrite: bool = False,
     progress: bool = False,
+    allow_non_finite: bool = False,
+    allow_non_float: bool = False,
 ) -> Path:
     """Convert an upstream JAX checkpoint into a Hugging Face `TTTForCausalLM` folder.
 
@@ -136,6 +206,8 @@ def convert_jax_checkpoint(
         config_update: fields overriding the config, as upstream's `--update_model_config` takes them.
         overwrite: replace a non-empty `output_dir` (only once the new folder is complete), or a symlink there.
         progress: show progress bars.
+        allow_non_finite: convert tensors holding NaN or inf instead of refusing them.
+        allow_non_float: cast integer and bool tensors to `dtype` instead of refusing them.
 
     Returns:
         `output_dir`.
@@ -164,10 +236,23 @@ def convert_jax_checkpoint(
     needed = {key: shape for key, shape in expected.items() if key not in tied}
 
     loaded = read_checkpoint_params(checkpoint, progress=progress)
-    arrays = jax_to_hf(loaded.params, parameter_specs(config), needed)
+    specs = parameter_specs(config)
+    arrays = jax_to_hf(loaded.params, specs, needed)
     del loaded
 
+    # Errors name the tensors as the checkpoint does.
+    jax_names = {spec.hf_key: format_key(spec.jax_key) for spec in specs}
+    checkpoint = Path(checkpoint)
+    _refuse_non_float(
+        checkpoint, {jax_names[key]: array.dtype.name for key, array in arrays.items()}, allow_non_float=allow_non_float
+    )
     state_dict = {key: _numpy_to_torch(array).to(torch_dtype) for key, array in arrays.items()}
+    _refuse_non_finite(
+        checkpoint,
+        ((jax_names[key], array, _torch_to_numpy(state_dict[key])) for key, array in arrays.items()),
+        dtype,
+        allow_non_finite=allow_non_finite,
+    )
     for target, source in tied.items():
         state_dict[target] = state_dict[source]
     try:
@@ -249,13 +334,15 @@ def convert_hf_to_jax(
     jax_config_file: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    allow_non_finite: bool = False,
+    allow_non_float: bool = False,
 ) -> Path:
     """Write a Hugging Face `modeling_ttt` folder as an upstream `streaming_params` checkpoint.
 
     The tensors are exactly what upstream's model holds (inverse layout transforms), cast to `dtype`
     ("float32", "bfloat16" or "float16") like upstream's `float_dtype` does. `jax_config_file`, if given,
     receives the matching upstream `ModelConfig` as JSON (loadable with `json::PATH`); the two files are written
-    together or not at all.
+    together or not at all. `allow_non_finite` and `allow_non_float` are as for `convert_jax_checkpoint`.
     """
     if dtype not in FLOAT_DTYPES:
         raise ConversionError(f"unsupported dtype {dtype!r}; choose one of {', '.join(FLOAT_DTYPES)}")
@@ -270,12 +357,27 @@ def convert_hf_to_jax(
     jax_config = hf_config_to_jax_config(hf_config)
     specs = parameter_specs(hf_config)
     weights = _read_hf_weights(model_dir)
+    _refuse_non_float(
+        model_dir, {key: str(tensor.dtype).removeprefix("torch.") for key, tensor in weights.items()},
+        allow_non_float=allow_non_float,
+    )
+    # An integer or bool tensor (allowed above) goes through float32 like any other weight: exact up to 2**24.
+    state_dict = {key: _torch_to_numpy(t if t.is_floating_point() else t.float()) for key, t in weights.items()}
     tied = frozenset({"lm_head.weight"}) if hf_config["tie_word_embeddings"] else frozenset()
-    state_dict = {key: _torch_to_numpy(tensor) for key, tensor in weights.items()}
     params = hf_to_jax(state_dict, specs, jax_parameter_shapes(hf_config), ignored_hf_keys=tied)
+    # Cast here rather than in the writer, so that what would be written is checked; errors use the folder's names.
+    stored = {key: array.astype(FLOAT_DTYPES[dtype], copy=False) for key, array in params.items()}
+    hf_names = {spec.jax_key: spec.hf_key for spec in specs}
+    _refuse_non_finite(
+        model_dir,
+        ((hf_names[key], params[key], stored[key]) for key in params),
+        dtype,
+        allow_non_finite=allow_non_finite,
+    )
+    del params
 
     def write_checkpoint(temporary: Path) -> None:
-        write_streaming_records(temporary, params, dtype=dtype, progress=progress, name=output_file.name)
+        write_streaming_records(temporary, stored, dtype=dtype, progress=progress, name=output_file.name)
 
     outputs = [Output(output_file, write_checkpoint)]
     if config_file is not None:
@@ -332,6 +434,20 @@ def _run(action: Any) -> int:
     return 0
 
 
+def _add_value_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        help="convert weights holding NaN or inf (refused by default: they mean a diverged or corrupted checkpoint)",
+    )
+    parser.add_argument(
+        "--allow-non-float",
+        action="store_true",
+        help="cast integer and bool tensors to the float dtype (refused by default: weights are floats, so they mean "
+        "a wrong or quantized checkpoint)",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`ttt-convert-jax`: upstream JAX checkpoint → Hugging Face model folder."""
     parser = argparse.ArgumentParser(
@@ -355,6 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a non-empty output folder (or a symlink at --output)"
     )
+    _add_value_flags(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
@@ -367,6 +484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             config_update=args.config_update,
             overwrite=args.overwrite,
             progress=not args.quiet,
+            allow_non_finite=args.allow_non_finite,
+            allow_non_float=args.allow_non_float,
         )
         print(f"wrote {out}")
 
@@ -387,6 +506,7 @@ def main_to_jax(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace existing output files (a symlink is replaced, not followed)"
     )
+    _add_value_flags(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
@@ -398,6 +518,8 @@ def main_to_jax(argv: Sequence[str] | None = None) -> int:
             jax_config_file=args.jax_config_output,
             overwrite=args.overwrite,
             progress=not args.quiet,
+            allow_non_finite=args.allow_non_finite,
+            allow_non_float=args.allow_non_float,
         )
         print(f"wrote {out}")
 

@@ -32,12 +32,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import conversion.jax
-from conversion.jax import ConversionError, convert_jax_checkpoint, main, main_to_jax
+from conversion.jax import ConversionError, convert_hf_to_jax, convert_jax_checkpoint, main, main_to_jax
 from conversion.msgpack_checkpoint import (
     CheckpointFormatError,
     KeyPath,
     encode_value,
     read_streaming_checkpoint,
+    write_streaming_checkpoint,
 )
 from conversion.outputs import OutputError
 
@@ -45,6 +46,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "ttt_jax"
 CHECKPOINT = FIXTURES / "ttt_linear" / "streaming_params"  # float32, hidden size 64
 JAX_CONFIG = FIXTURES / "ttt_linear" / "config.json"
 FINAL_NORM = ("model", "ln_f", "kernel")  # a [64] float32 tensor of the fixture
+SEQ_NORM = ("model", "h", "0", "seq_norm", "kernel")  # another one
 # Longest a converter process may take (they take seconds); past it the process is killed and the case fails.
 PROCESS_TIMEOUT = 120
 # Fault processes run this many at a time: the CI machine has two cores, and each process mostly imports torch.
@@ -199,6 +201,16 @@ def _to_jax_args(model: Path, folder: Path, *extra: str) -> list[str]:
     return ["--model", str(model), "--output", str(folder / "new" / "streaming_params"), *extra]
 
 
+def _nan_and_inf(tensors: dict[KeyPath, np.ndarray]) -> None:
+    tensors[FINAL_NORM][3] = np.nan
+    tensors[SEQ_NORM][0] = -np.inf
+
+
+def _integer_and_bool(tensors: dict[KeyPath, np.ndarray]) -> None:
+    tensors[FINAL_NORM] = np.ones(64, np.int32)
+    tensors[SEQ_NORM] = np.ones(64, bool)
+
+
 def _symlinked_output(folder: Path) -> list[str]:
     (folder / "real").mkdir()
     (folder / "link").symlink_to("real")
@@ -281,6 +293,24 @@ CORPUS: dict[str, BadInput] = {
         lambda f, m: _jax_args(_checkpoint(f, raw={FINAL_NORM: _nested_chunks(400)}), f),
         CheckpointFormatError, ('"model", "ln_f", "kernel"', "chunk 0 of a chunked array is a chunked array itself"),
     ),
+    # ttt-convert-jax: values that would silently give another model
+    "jax_nan_and_inf_weights": BadInput(
+        "ttt-convert-jax",
+        lambda f, m: _jax_args(_checkpoint(f, _nan_and_inf), f),
+        ConversionError, ("2 tensor(s) hold NaN or infinite values", '"model", "ln_f", "kernel"', "(1 of 64 values)",
+                          '"seq_norm", "kernel"', "--allow-non-finite"),
+    ),
+    "jax_integer_and_bool_weights": BadInput(
+        "ttt-convert-jax",
+        lambda f, m: _jax_args(_checkpoint(f, _integer_and_bool), f),
+        ConversionError, ("2 tensor(s) are not floating point", '"ln_f", "kernel"] (int32)',
+                          '"seq_norm", "kernel"] (bool)', "--allow-non-float"),
+    ),
+    "jax_weights_overflow_float16": BadInput(
+        "ttt-convert-jax",
+        lambda f, m: _jax_args(_checkpoint(f, lambda t: t[FINAL_NORM].__setitem__(0, 1e30)), f, "--dtype", "float16"),
+        ConversionError, ("beyond the range of float16", '"model", "ln_f", "kernel"', "--dtype"),
+    ),
     # ttt-convert-jax: outputs
     "jax_disk_full": BadInput(
         "ttt-convert-jax",
@@ -298,6 +328,13 @@ CORPUS: dict[str, BadInput] = {
         lambda f, m: _to_jax_args(_model(f, m, weights=(m / "model.safetensors").read_bytes()[:100_000]), f),
         ConversionError, ("model.safetensors", "not a valid safetensors file"),
     ),
+    "hf_nan_weights": BadInput(
+        "ttt-convert-to-jax",
+        lambda f, m: _to_jax_args(_model(f, m, lambda t: t["model.norm.weight"].__setitem__(5, float("nan"))), f),
+        ConversionError, ("1 tensor(s) hold NaN or infinite values", "model.norm.weight (1 of 64 values)",
+                          "--allow-non-finite"),
+    ),
+    # (An integer tensor in a model folder meets the same check: test_opt_in_flags_convert_what_is_refused_by_default.)
     # ttt-convert-to-jax: outputs
     "to_jax_disk_full": BadInput(
         "ttt-convert-to-jax",
@@ -527,6 +564,49 @@ def test_only_stale_temporaries_of_the_same_output_are_removed(tmp_path: Path, m
     assert sorted(path.name for path in removed) == sorted([names["live owner"], names["other machine"]])
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
         [names["another output's"], names["not our naming"], "model"])
+
+
+# ------------------------------------------------------------------------------------------------------- opt-ins
+
+
+def test_opt_in_flags_convert_what_is_refused_by_default(
+    tmp_path: Path, good_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for cli in (main, main_to_jax):
+        with pytest.raises(SystemExit):
+            cli(["--help"])
+        help_text = " ".join(capsys.readouterr().out.split())
+        assert "--allow-non-finite convert weights holding NaN or inf" in help_text
+        assert "--allow-non-float cast integer and bool tensors" in help_text
+
+    nan = _checkpoint(tmp_path, _nan_and_inf)
+    assert main(_jax_args(nan, tmp_path, "--allow-non-finite", "--quiet")) == 0
+    weights = load_file(tmp_path / "new" / "model" / "model.safetensors")
+    assert torch.isnan(weights["model.norm.weight"][3]) and torch.isneginf(weights["model.layers.0.seq_norm.weight"][0])
+
+    integers = write_streaming_checkpoint(tmp_path / "ints" / "streaming_params",
+                                          {**read_streaming_checkpoint(CHECKPOINT), FINAL_NORM: np.arange(64)})
+    model = tmp_path / "from_ints"
+    args = ["--checkpoint", str(integers), "--jax-config", str(JAX_CONFIG), "--output", str(model)]
+    assert main([*args, "--allow-non-float", "--quiet"]) == 0
+    assert torch.equal(load_file(model / "model.safetensors")["model.norm.weight"], torch.arange(64.0))
+
+    back = tmp_path / "back" / "streaming_params"
+    assert main_to_jax(["--model", str(tmp_path / "new" / "model"), "--output", str(back), "--allow-non-finite",
+                        "--quiet"]) == 0
+    assert np.isnan(read_streaming_checkpoint(back)[FINAL_NORM][3])
+
+    # An integer tensor in a model folder: refused, then cast when asked.
+    int_model = _model(tmp_path / "int_model", good_model,
+                       lambda t: t.__setitem__("model.norm.weight", torch.arange(64, dtype=torch.int64)))
+    args = ["--model", str(int_model), "--output", str(tmp_path / "int_back" / "streaming_params"), "--quiet"]
+    with pytest.raises(ConversionError, match=r"1 tensor\(s\) are not floating point, .*: model.norm.weight \(int64\)"):
+        convert_hf_to_jax(int_model, tmp_path / "int_back" / "streaming_params")
+    assert main_to_jax(args) == 2 and not (tmp_path / "int_back").exists()
+    assert "--allow-non-float" in capsys.readouterr().err
+    assert main_to_jax([*args, "--allow-non-float"]) == 0
+    stored = read_streaming_checkpoint(tmp_path / "int_back" / "streaming_params")[FINAL_NORM]
+    assert stored.dtype == np.float32 and np.array_equal(stored, np.arange(64, dtype=np.float32))
 
 
 def test_overwrite_replaces_a_symlink_not_its_target(tmp_path: Path, good_model: Path) -> None:
