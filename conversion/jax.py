@@ -7,8 +7,10 @@ Two console scripts live here:
 * `ttt-convert-to-jax` (`main_to_jax`): a Hugging Face model folder → a `streaming_params` file that upstream's
   `StreamingCheckpointer` loads (`--load_part=params`-style), optionally with a matching upstream config.json.
 
-Both check the weights against the config tensor by tensor, and write their output in one step (temporary
-sibling, then rename) so a failed run never leaves a half-written model behind.
+Both check the weights against the config tensor by tensor, refuse weights that would silently give a different
+model (NaN or inf, integer or bool tensors, values the chosen dtype cannot hold) unless told otherwise, and write
+all their outputs together or not at all (`conversion.outputs.write_outputs`): a failed or interrupted run leaves
+neither a half-written model nor the folders it would have created.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
+import signal
 import sys
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +30,18 @@ import ml_dtypes
 import numpy as np
 import torch
 from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 
 from .jax_config import ConfigConversionError, hf_config_to_jax_config, jax_config_to_hf_kwargs, load_jax_config
 from .jax_params import ParameterMappingError, hf_to_jax, jax_parameter_shapes, jax_to_hf, parameter_specs
 from .msgpack_checkpoint import (
     FLOAT_DTYPES,
     CheckpointFormatError,
+    format_key,
     read_checkpoint_params,
-    write_streaming_checkpoint,
+    write_streaming_records,
 )
+from .outputs import Output, check_output, write_outputs
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -46,7 +51,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 
 
 class ConversionError(ValueError):
-    """The conversion cannot proceed (bad input, mismatching weights, or an output that would be clobbered)."""
+    """The conversion cannot proceed (bad input or mismatching weights; a refused output is an `OutputError`)."""
 
 
 # What TTTConfig raises for a bad value: its own checks give ValueError, huggingface_hub's `@strict` wraps them.
@@ -59,8 +64,16 @@ def _config_error_message(exc: BaseException) -> str:
     return str(cause)
 
 
-# Everything the CLIs report as a one-line `error:` rather than a traceback.
+# Everything the CLIs report as a one-line `error:` rather than a traceback (OutputError is an OSError).
 _USER_ERRORS = (ConversionError, ConfigConversionError, ParameterMappingError, CheckpointFormatError, OSError)
+
+# Dtypes a stored weight is converted from as a matter of course.
+_FLOAT_SOURCE_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
+# Dtypes converted only when asked (--allow-non-float): a model's weights are floats, so an integer or bool tensor
+# usually means a wrong, corrupted or quantized checkpoint, and casting it would silently give another model.
+_CASTABLE_DTYPES = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"})
+# How many tensors an error message lists before summarising the rest.
+_MAX_LISTED = 8
 
 
 def _numpy_to_torch(array: np.ndarray) -> torch.Tensor:
@@ -82,30 +95,62 @@ def _check_dtype(dtype: str) -> None:
         raise ConversionError(f"unsupported dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
 
 
-def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConversionError(f"output {output_dir} exists and is not a directory")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise ConversionError(f"output directory {output_dir} is not empty; pass --overwrite to replace it")
+def _listed(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    if len(items) > _MAX_LISTED:
+        shown += f", … and {len(items) - _MAX_LISTED} more"
+    return shown
 
 
-def _replace_dir(source: Path, target: Path) -> None:
-    """Move the finished folder `source` to `target`, replacing whatever is there only now that it succeeded."""
-    if target.is_dir() and any(target.iterdir()):
-        backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, backup / target.name)
-        os.replace(source, target)
-        shutil.rmtree(backup)
-    else:
-        # rename(2) replaces an empty directory atomically.
-        os.replace(source, target)
+def _refuse_non_float(source: Path, dtypes: Mapping[str, str], *, allow_non_float: bool) -> None:
+    """Refuse tensors that are not floating point, unless `allow_non_float` (then integers and bools are cast).
+
+    `dtypes` maps each tensor's name, as the user's file calls it, to its dtype name (numpy's and torch's agree).
+    """
+    unsupported = [f"{name} ({dtype})" for name, dtype in dtypes.items()
+                   if dtype not in _FLOAT_SOURCE_DTYPES and dtype not in _CASTABLE_DTYPES]
+    if unsupported:
+        raise ConversionError(
+            f"{source}: {len(unsupported)} tensor(s) of a dtype that cannot be converted "
+            f"(expected {', '.join(sorted(_FLOAT_SOURCE_DTYPES))}): {_listed(unsupported)}"
+        )
+    non_float = [f"{name} ({dtype})" for name, dtype in dtypes.items() if dtype in _CASTABLE_DTYPES]
+    if non_float and not allow_non_float:
+        raise ConversionError(
+            f"{source}: {len(non_float)} tensor(s) are not floating point, which a model's weights are: "
+            f"{_listed(non_float)}; pass --allow-non-float to cast them anyway"
+        )
 
 
-def _current_umask() -> int:
-    # The only portable way to read the umask is to set it; restore it at once.
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _refuse_non_finite(
+    source: Path, tensors: Iterable[tuple[str, np.ndarray, np.ndarray]], dtype: str, *, allow_non_finite: bool
+) -> None:
+    """Refuse NaN or infinite weights (unless `allow_non_finite`), and finite ones that `dtype` cannot hold.
+
+    `tensors` yields `(name, as stored, as converted to dtype)`. A value that was finite and is not any more
+    overflowed the dtype (e.g. 1e5 in float16): always refused, since the flag is about the input's own values.
+    """
+    non_finite, overflowed = [], []
+    for name, stored, converted in tensors:
+        bad_stored = int(np.count_nonzero(~np.isfinite(stored)))
+        bad_converted = int(np.count_nonzero(~np.isfinite(converted)))
+        if bad_stored and not allow_non_finite:
+            non_finite.append(f"{name} ({bad_stored} of {stored.size} values)")
+        if bad_converted > bad_stored:
+            overflowed.append(f"{name} ({bad_converted - bad_stored} values)")
+    problems = []
+    if non_finite:
+        problems.append(
+            f"{len(non_finite)} tensor(s) hold NaN or infinite values: {_listed(non_finite)}; "
+            "pass --allow-non-finite to convert them anyway"
+        )
+    if overflowed:
+        problems.append(
+            f"{len(overflowed)} tensor(s) hold values beyond the range of {dtype}, which would become infinite: "
+            f"{_listed(overflowed)}; choose a wider --dtype"
+        )
+    if problems:
+        raise ConversionError(f"{source}: " + "; ".join(problems))
 
 
 @contextlib.contextmanager
@@ -146,6 +191,8 @@ def convert_jax_checkpoint(
     *,
     overwrite: bool = False,
     progress: bool = False,
+    allow_non_finite: bool = False,
+    allow_non_float: bool = False,
 ) -> Path:
     """Convert an upstream JAX checkpoint into a Hugging Face `TTTForCausalLM` folder.
 
@@ -157,17 +204,23 @@ def convert_jax_checkpoint(
         dtype: dtype of the saved weights: "float32", "bfloat16" or "float16". Converting a bf16 checkpoint to
             float32 is exact.
         config_update: fields overriding the config, as upstream's `--update_model_config` takes them.
-        overwrite: replace a non-empty `output_dir` (only once the new folder is complete).
+        overwrite: replace a non-empty `output_dir` (only once the new folder is complete), or a symlink there.
         progress: show progress bars.
+        allow_non_finite: convert tensors holding NaN or inf instead of refusing them.
+        allow_non_float: cast integer and bool tensors to `dtype` instead of refusing them.
 
     Returns:
         `output_dir`.
+
+    Raises:
+        ConversionError, ConfigConversionError, ParameterMappingError, CheckpointFormatError: bad input.
+        OutputError: `output_dir` is refused (see `conversion.outputs.check_output`) or cannot be written.
     """
     from modeling_ttt import TTTConfig
 
     _check_dtype(dtype)
     output_dir = Path(output_dir)
-    _check_output_dir(output_dir, overwrite)
+    check_output(output_dir, is_dir=True, overwrite=overwrite)
 
     kwargs = jax_config_to_hf_kwargs(load_jax_config(jax_config, config_update))
     try:
@@ -183,10 +236,23 @@ def convert_jax_checkpoint(
     needed = {key: shape for key, shape in expected.items() if key not in tied}
 
     loaded = read_checkpoint_params(checkpoint, progress=progress)
-    arrays = jax_to_hf(loaded.params, parameter_specs(config), needed)
+    specs = parameter_specs(config)
+    arrays = jax_to_hf(loaded.params, specs, needed)
     del loaded
 
+    # Errors name the tensors as the checkpoint does.
+    jax_names = {spec.hf_key: format_key(spec.jax_key) for spec in specs}
+    checkpoint = Path(checkpoint)
+    _refuse_non_float(
+        checkpoint, {jax_names[key]: array.dtype.name for key, array in arrays.items()}, allow_non_float=allow_non_float
+    )
     state_dict = {key: _numpy_to_torch(array).to(torch_dtype) for key, array in arrays.items()}
+    _refuse_non_finite(
+        checkpoint,
+        ((jax_names[key], array, _torch_to_numpy(state_dict[key])) for key, array in arrays.items()),
+        dtype,
+        allow_non_finite=allow_non_finite,
+    )
     for target, source in tied.items():
         state_dict[target] = state_dict[source]
     try:
@@ -199,17 +265,15 @@ def convert_jax_checkpoint(
     if still_empty:
         raise ConversionError(f"model weights left unset after loading: {', '.join(still_empty)}")
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
-        # mkdtemp makes the folder private (0700); give the final folder the mode a plain mkdir would.
-        staging.chmod(0o777 & ~_current_umask())
-        with _transformers_progress_bars(progress):
-            model.save_pretrained(staging)
-        _replace_dir(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    def save(folder: Path) -> None:
+        try:
+            with _transformers_progress_bars(progress):
+                model.save_pretrained(folder)
+        except SafetensorError as exc:
+            # safetensors reports its I/O failures (a full disk) as its own type; they are OSErrors to write_outputs.
+            raise OSError(str(exc)) from exc
+
+    write_outputs([Output(output_dir, save, is_dir=True)], overwrite=overwrite)
     return output_dir
 
 
@@ -233,13 +297,21 @@ def _read_hf_config(model_dir: Path) -> dict[str, Any]:
         raise ConversionError(f"{config_file}: invalid TTT config: {_config_error_message(exc)}") from exc
 
 
-def _read_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    try:
+        return load_file(file)
+    except SafetensorError as exc:
+        # A truncated or corrupted file; safetensors' message says which part is wrong.
+        raise ConversionError(f"{file}: not a valid safetensors file: {exc}") from exc
+
+
+def _read_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     single = model_dir / "model.safetensors"
     index = model_dir / "model.safetensors.index.json"
     if single.is_file():
-        return load_file(single)
+        return _load_safetensors(single)
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -249,7 +321,7 @@ def _read_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
             raise ConversionError(f"{index}: weight_map must map tensor names to shard file names")
         tensors: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):
-            tensors.update(load_file(model_dir / shard))
+            tensors.update(_load_safetensors(model_dir / shard))
         return tensors
     raise ConversionError(f"{model_dir} has neither model.safetensors nor model.safetensors.index.json")
 
@@ -262,49 +334,118 @@ def convert_hf_to_jax(
     jax_config_file: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    allow_non_finite: bool = False,
+    allow_non_float: bool = False,
 ) -> Path:
     """Write a Hugging Face `modeling_ttt` folder as an upstream `streaming_params` checkpoint.
 
     The tensors are exactly what upstream's model holds (inverse layout transforms), cast to `dtype`
     ("float32", "bfloat16" or "float16") like upstream's `float_dtype` does. `jax_config_file`, if given,
-    receives the matching upstream `ModelConfig` as JSON (loadable with `json::PATH`).
+    receives the matching upstream `ModelConfig` as JSON (loadable with `json::PATH`); the two files are written
+    together or not at all. `allow_non_finite` and `allow_non_float` are as for `convert_jax_checkpoint`.
     """
     if dtype not in FLOAT_DTYPES:
         raise ConversionError(f"unsupported dtype {dtype!r}; choose one of {', '.join(FLOAT_DTYPES)}")
     model_dir = Path(model_dir)
     output_file = Path(output_file)
-    outputs = [output_file] + ([Path(jax_config_file)] if jax_config_file is not None else [])
-    for path in outputs:
-        if path.is_dir():
-            raise ConversionError(f"output {path} is a directory")
-        if path.exists() and not overwrite:
-            raise ConversionError(f"output file {path} exists; pass --overwrite to replace it")
+    config_file = Path(jax_config_file) if jax_config_file is not None else None
+    for path in (output_file, config_file):
+        if path is not None:
+            check_output(path, overwrite=overwrite)
 
     hf_config = _read_hf_config(model_dir)
     jax_config = hf_config_to_jax_config(hf_config)
     specs = parameter_specs(hf_config)
     weights = _read_hf_weights(model_dir)
+    _refuse_non_float(
+        model_dir, {key: str(tensor.dtype).removeprefix("torch.") for key, tensor in weights.items()},
+        allow_non_float=allow_non_float,
+    )
+    # An integer or bool tensor (allowed above) goes through float32 like any other weight: exact up to 2**24.
+    state_dict = {key: _torch_to_numpy(t if t.is_floating_point() else t.float()) for key, t in weights.items()}
     tied = frozenset({"lm_head.weight"}) if hf_config["tie_word_embeddings"] else frozenset()
-    state_dict = {key: _torch_to_numpy(tensor) for key, tensor in weights.items()}
     params = hf_to_jax(state_dict, specs, jax_parameter_shapes(hf_config), ignored_hf_keys=tied)
+    # Cast here rather than in the writer, so that what would be written is checked; errors use the folder's names.
+    stored = {key: array.astype(FLOAT_DTYPES[dtype], copy=False) for key, array in params.items()}
+    hf_names = {spec.jax_key: spec.hf_key for spec in specs}
+    _refuse_non_finite(
+        model_dir,
+        ((hf_names[key], params[key], stored[key]) for key in params),
+        dtype,
+        allow_non_finite=allow_non_finite,
+    )
+    del params
 
-    output_file.parent.mkdir(parents=True, exist_ok=True)
-    write_streaming_checkpoint(output_file, params, dtype=dtype, progress=progress)
-    if jax_config_file is not None:
-        config_path = Path(jax_config_file)
-        config_path.parent.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(json.dumps(jax_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    def write_checkpoint(temporary: Path) -> None:
+        write_streaming_records(temporary, stored, dtype=dtype, progress=progress, name=output_file.name)
+
+    outputs = [Output(output_file, write_checkpoint)]
+    if config_file is not None:
+        text = json.dumps(jax_config, indent=2, sort_keys=True) + "\n"
+        outputs.append(Output(config_file, lambda temporary: temporary.write_text(text, encoding="utf-8")))
+    write_outputs(outputs, overwrite=overwrite)
     return output_file
 
 
+# Signals that ask a CLI run to stop. Python's default for them ends the process on the spot, skipping the cleanup
+# that removes a half-written output; raising instead lets `finally`/`except` blocks run, as for Ctrl-C.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class _Stopped(BaseException):
+    """Raised in the main thread when a stop signal arrives (a BaseException, so `except Exception` lets it by)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    # Further stop signals are ignored from here on, so that they cannot interrupt the cleanup this one starts.
+    for stop_signal in _STOP_SIGNALS:
+        signal.signal(stop_signal, signal.SIG_IGN)
+    raise _Stopped(signum)
+
+
 def _run(action: Any) -> int:
+    """Run a CLI action: one `error:` line and exit status 2 for a user error.
+
+    A stop signal interrupts the action like Ctrl-C does (its cleanup runs), and is then handed to whatever handled
+    it before: by default that ends the process by the signal, so a caller sees how the run ended.
+    """
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in _STOP_SIGNALS} if in_main_thread else {}
+    stopped_by = None
     try:
         action()
     except _USER_ERRORS as exc:
         message = " ".join(str(exc).split())  # one line, whatever the exception text holds
         print(f"error: {message}", file=sys.stderr)
         return 2
+    except _Stopped as exc:
+        stopped_by = exc.signum
+    finally:
+        for sig, handler in previous.items():
+            # None: the handler was not set from Python; the default is the best stand-in.
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+    if stopped_by is not None:
+        signal.raise_signal(stopped_by)
+        return 128 + stopped_by  # the previous handler did not end the process (it ignores the signal)
     return 0
+
+
+def _add_value_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        help="convert weights holding NaN or inf (refused by default: they mean a diverged or corrupted checkpoint)",
+    )
+    parser.add_argument(
+        "--allow-non-float",
+        action="store_true",
+        help="cast integer and bool tensors to the float dtype (refused by default: weights are floats, so they mean "
+        "a wrong or quantized checkpoint)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -327,7 +468,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--output", required=True, help="output model folder")
     parser.add_argument("--dtype", choices=tuple(TORCH_DTYPES), default="float32", help="saved weight dtype")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty output folder (or a symlink at --output)"
+    )
+    _add_value_flags(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
@@ -340,6 +484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             config_update=args.config_update,
             overwrite=args.overwrite,
             progress=not args.quiet,
+            allow_non_finite=args.allow_non_finite,
+            allow_non_float=args.allow_non_float,
         )
         print(f"wrote {out}")
 
@@ -357,7 +503,10 @@ def main_to_jax(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="output streaming_params file")
     parser.add_argument("--dtype", choices=tuple(FLOAT_DTYPES), default="float32", help="stored float dtype")
     parser.add_argument("--jax-config-output", help="also write the matching upstream ModelConfig JSON here")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace existing output files (a symlink is replaced, not followed)"
+    )
+    _add_value_flags(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
@@ -369,6 +518,8 @@ def main_to_jax(argv: Sequence[str] | None = None) -> int:
             jax_config_file=args.jax_config_output,
             overwrite=args.overwrite,
             progress=not args.quiet,
+            allow_non_finite=args.allow_non_finite,
+            allow_non_float=args.allow_non_float,
         )
         print(f"wrote {out}")
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ import msgpack
 import numpy as np
 from tqdm.auto import tqdm
 
+from .outputs import Output, write_outputs
+
 KeyPath = tuple[str, ...]
 """A flattened flax key. Elements may themselves contain "/" (e.g. `"ttt_norm/scale"`), so never join them."""
 
@@ -33,6 +34,8 @@ _EXT_NATIVE_COMPLEX = 2
 _EXT_NPSCALAR = 3
 # Marker of flax's chunked form for arrays over 2**30 bytes.
 _CHUNKED_MARKER = "__msgpack_chunked_array__"
+# numpy dtype kinds of bool, signed and unsigned integers, floats and complex numbers.
+_NUMERIC_KINDS = frozenset("biufc")
 
 # In a train-state file the model parameters live under this prefix; `mu`/`nu` of the optimizer
 # repeat every parameter path further down, so matching by suffix would be wrong.
@@ -77,9 +80,17 @@ def _dtype_from_name(name: str) -> np.dtype:
     # numpy does not know "bfloat16"; flax writes numpy's `dtype.name`, which for ml_dtypes is "bfloat16".
     if name == "bfloat16":
         return np.dtype(ml_dtypes.bfloat16)
-    dtype = np.dtype(name)
-    if dtype.hasobject or dtype.itemsize == 0:
-        raise ValueError(f"dtype {name!r} cannot hold raw array data")
+    try:
+        dtype = np.dtype(name)
+    except TypeError:
+        raise ValueError(f"unknown dtype {name!r}") from None
+    # numpy also parses names of strings, dates, records and objects, which no tensor of a model is.
+    if dtype.kind not in _NUMERIC_KINDS:
+        raise ValueError(f"dtype {name!r} is not a numeric dtype this reader supports "
+                         "(bool, integer, float, complex or bfloat16)")
+    # flax writes `dtype.name`, which never names a byte order, and the machine's own bytes.
+    if not dtype.isnative:
+        raise ValueError(f"dtype {name!r} is not in this machine's byte order, which flax never writes")
     return dtype
 
 
@@ -134,9 +145,20 @@ def _decode_chunked(obj: dict[str, Any]) -> np.ndarray:
     shape = _indexed_values(obj.get("shape"), "shape")
     if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
         raise ValueError(f"chunked array has an invalid shape {shape!r}")
-    chunks = [_decode_leaf(chunk).reshape(-1) for chunk in _indexed_values(obj.get("chunks"), "chunks")]
+    chunks = []
+    for index, chunk in enumerate(_indexed_values(obj.get("chunks"), "chunks")):
+        # flax splits an array into plain ndarray chunks, one level deep; decoding anything else recursively would
+        # let a crafted file nest chunks until the interpreter's recursion limit.
+        if not (isinstance(chunk, msgpack.ExtType) and chunk.code == _EXT_NDARRAY):
+            found = "a chunked array itself" if isinstance(chunk, dict) else f"a msgpack {type(chunk).__name__}"
+            raise ValueError(f"chunk {index} of a chunked array is {found}, expected an ndarray ExtType")
+        chunks.append(_decode_ndarray_payload(chunk.data).reshape(-1))
     if not chunks:
         raise ValueError("chunked array has no chunks")
+    dtypes = sorted({chunk.dtype.name for chunk in chunks})
+    if len(dtypes) > 1:
+        # np.concatenate would promote them to a common dtype: a silently different tensor.
+        raise ValueError(f"chunks of a chunked array have different dtypes: {', '.join(dtypes)}")
     flat = np.concatenate(chunks)
     if flat.size != math.prod(shape):
         raise ValueError(f"chunked array holds {flat.size} elements, shape {tuple(shape)} needs {math.prod(shape)}")
@@ -155,6 +177,13 @@ def encode_value(array: np.ndarray) -> bytes:
     return msgpack.packb(msgpack.ExtType(_EXT_NDARRAY, payload), use_bin_type=True)
 
 
+def _msgpack_problem(exc: BaseException) -> str:
+    # msgpack's StackError (nesting deeper than its limit) comes with an empty message.
+    if isinstance(exc, msgpack.exceptions.StackError):
+        return "msgpack data nested too deeply"
+    return str(exc) or type(exc).__name__
+
+
 def _raw_records(path: Path, stream: BinaryIO, progress: bool) -> Iterator[tuple[int, KeyPath, bytes]]:
     """Yield `(record_index, key_path, value_bytes)`; check structure and that the file ends on a record boundary."""
     size = os.fstat(stream.fileno()).st_size
@@ -171,7 +200,7 @@ def _raw_records(path: Path, stream: BinaryIO, progress: bool) -> Iterator[tuple
                 break
             except (ValueError, TypeError, msgpack.UnpackException) as exc:
                 raise CheckpointFormatError(
-                    f"{path}: record {index} (at byte {consumed}) is not valid msgpack: {exc}"
+                    f"{path}: record {index} (at byte {consumed}) is not valid msgpack: {_msgpack_problem(exc)}"
                 ) from exc
             if not (isinstance(record, list) and len(record) == 2):
                 found = f"a {len(record)}-element array" if isinstance(record, list) else f"a msgpack {type(record).__name__}"
@@ -205,7 +234,7 @@ def _decode_record(path: Path, index: int, key: KeyPath, value: bytes) -> np.nda
     try:
         return decode_value(value)
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise CheckpointFormatError(f"{path}: record {index} {format_key(key)}: {exc}") from exc
+        raise CheckpointFormatError(f"{path}: record {index} {format_key(key)}: {_msgpack_problem(exc)}") from exc
 
 
 def iter_records(path: str | os.PathLike[str], *, progress: bool = False) -> Iterator[tuple[KeyPath, np.ndarray]]:
@@ -279,6 +308,36 @@ def _cast(array: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
     return array.astype(dtype)
 
 
+def _check_writable(tensors: Mapping[KeyPath, np.ndarray], dtype: str | None) -> np.dtype | None:
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(FLOAT_DTYPES)}")
+    for key in tensors:
+        if not (isinstance(key, tuple) and key and all(isinstance(element, str) for element in key)):
+            raise ValueError(f"checkpoint keys must be non-empty tuples of str, got {key!r}")
+    return FLOAT_DTYPES[dtype] if dtype is not None else None
+
+
+def write_streaming_records(
+    path: str | os.PathLike[str],
+    tensors: Mapping[KeyPath, np.ndarray],
+    *,
+    dtype: str | None = None,
+    progress: bool = False,
+    name: str | None = None,
+) -> None:
+    """Write `tensors` to the file `path` as it is, with no temporary and no rename.
+
+    This is the body of `write_streaming_checkpoint`, for callers that make a whole set of outputs atomic
+    themselves (`conversion.outputs.write_outputs`). `name` is what the progress bar shows (default: the file's).
+    """
+    path = Path(path)
+    target_dtype = _check_writable(tensors, dtype)
+    with open(path, "wb") as out:
+        for key in tqdm(sorted(tensors), desc=f"writing {name or path.name}", unit="tensor", disable=not progress):
+            value = encode_value(_cast(np.asarray(tensors[key]), target_dtype))
+            out.write(msgpack.packb([list(key), value], use_bin_type=True))
+
+
 def write_streaming_checkpoint(
     path: str | os.PathLike[str],
     tensors: Mapping[KeyPath, np.ndarray],
@@ -290,25 +349,15 @@ def write_streaming_checkpoint(
 
     Records are written in sorted key order, which is the order upstream's own files have. `dtype`
     ("float32", "bfloat16", "float16") casts floating tensors (round to nearest even), like upstream's
-    `float_dtype`. The file is written beside its destination and renamed into place only once complete,
-    so a failure never leaves a truncated checkpoint behind.
+    `float_dtype`. The file is written beside its destination and renamed into place only once complete
+    (`conversion.outputs.write_outputs`), so a failure never leaves a truncated checkpoint behind; an existing
+    file, or a symlink, at `path` is replaced.
     """
     path = Path(path)
-    if dtype is not None and dtype not in FLOAT_DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(FLOAT_DTYPES)}")
-    target_dtype = FLOAT_DTYPES[dtype] if dtype is not None else None
-    for key in tensors:
-        if not (isinstance(key, tuple) and key and all(isinstance(element, str) for element in key)):
-            raise ValueError(f"checkpoint keys must be non-empty tuples of str, got {key!r}")
+    _check_writable(tensors, dtype)  # before any temporary is made
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for key in tqdm(sorted(tensors), desc=f"writing {path.name}", unit="tensor", disable=not progress):
-                value = encode_value(_cast(np.asarray(tensors[key]), target_dtype))
-                out.write(msgpack.packb([list(key), value], use_bin_type=True))
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    def write(temporary: Path) -> None:
+        write_streaming_records(temporary, tensors, dtype=dtype, progress=progress, name=path.name)
+
+    write_outputs([Output(path, write)], overwrite=True)
     return path
