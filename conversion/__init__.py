@@ -1,8 +1,8 @@
 """Checkpoint converters for TTT language models.
 
-`conversion.jax` converts between checkpoints of the official JAX code (test-time-training/ttt-lm-jax) and
+`modeling_ttt.conversion.jax` converts between checkpoints of the official JAX code (test-time-training/ttt-lm-jax) and
 Hugging Face folders of `modeling_ttt`; it is also the home of the `ttt-convert-jax` and `ttt-convert-to-jax`
-console scripts. The msgpack reader/writer and the config mapping need neither torch nor jax. `conversion.outputs`
+console scripts. The msgpack reader/writer and the config mapping need neither torch nor jax. `modeling_ttt.conversion.outputs`
 writes a run's outputs together or not at all, for both.
 """
 

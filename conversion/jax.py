@@ -9,7 +9,7 @@ Two console scripts live here:
 
 Both check the weights against the config tensor by tensor, refuse weights that would silently give a different
 model (NaN or inf, integer or bool tensors, values the chosen dtype cannot hold) unless told otherwise, and write
-all their outputs together or not at all (`conversion.outputs.write_outputs`): a failed or interrupted run leaves
+all their outputs together or not at all (`modeling_ttt.conversion.outputs.write_outputs`): a failed or interrupted run leaves
 neither a half-written model nor the folders it would have created.
 """
 
@@ -214,7 +214,7 @@ def convert_jax_checkpoint(
 
     Raises:
         ConversionError, ConfigConversionError, ParameterMappingError, CheckpointFormatError: bad input.
-        OutputError: `output_dir` is refused (see `conversion.outputs.check_output`) or cannot be written.
+        OutputError: `output_dir` is refused (see `modeling_ttt.conversion.outputs.check_output`) or cannot be written.
     """
     from modeling_ttt import TTTConfig
 

@@ -328,7 +328,7 @@ def write_streaming_records(
     """Write `tensors` to the file `path` as it is, with no temporary and no rename.
 
     This is the body of `write_streaming_checkpoint`, for callers that make a whole set of outputs atomic
-    themselves (`conversion.outputs.write_outputs`). `name` is what the progress bar shows (default: the file's).
+    themselves (`modeling_ttt.conversion.outputs.write_outputs`). `name` is what the progress bar shows (default: the file's).
     """
     path = Path(path)
     target_dtype = _check_writable(tensors, dtype)
@@ -350,7 +350,7 @@ def write_streaming_checkpoint(
     Records are written in sorted key order, which is the order upstream's own files have. `dtype`
     ("float32", "bfloat16", "float16") casts floating tensors (round to nearest even), like upstream's
     `float_dtype`. The file is written beside its destination and renamed into place only once complete
-    (`conversion.outputs.write_outputs`), so a failure never leaves a truncated checkpoint behind; an existing
+    (`modeling_ttt.conversion.outputs.write_outputs`), so a failure never leaves a truncated checkpoint behind; an existing
     file, or a symlink, at `path` is replaced.
     """
     path = Path(path)

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import modeling_ttt  # noqa: F401  (registers model_type "ttt" with the Auto classes)
-from conversion.jax import convert_jax_checkpoint
+from modeling_ttt.conversion.jax import convert_jax_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 

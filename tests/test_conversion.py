@@ -18,16 +18,16 @@ import pytest
 import torch
 from safetensors.torch import load_file as load_safetensors
 
-from conversion.jax import convert_hf_to_jax, convert_jax_checkpoint, main, main_to_jax
-from conversion.jax_config import (
+from modeling_ttt.conversion.jax import convert_hf_to_jax, convert_jax_checkpoint, main, main_to_jax
+from modeling_ttt.conversion.jax_config import (
     ConfigConversionError,
     hf_config_to_jax_config,
     jax_config_to_hf_kwargs,
     load_jax_config,
     parse_config_update,
 )
-from conversion.jax_params import ParameterMappingError, Transform, jax_parameter_shapes
-from conversion.msgpack_checkpoint import (
+from modeling_ttt.conversion.jax_params import ParameterMappingError, Transform, jax_parameter_shapes
+from modeling_ttt.conversion.msgpack_checkpoint import (
     CheckpointFormatError,
     KeyPath,
     encode_value,

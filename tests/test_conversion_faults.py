@@ -31,16 +31,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import conversion.jax
-from conversion.jax import ConversionError, convert_hf_to_jax, convert_jax_checkpoint, main, main_to_jax
-from conversion.msgpack_checkpoint import (
+import modeling_ttt.conversion.jax
+from modeling_ttt.conversion.jax import ConversionError, convert_hf_to_jax, convert_jax_checkpoint, main, main_to_jax
+from modeling_ttt.conversion.msgpack_checkpoint import (
     CheckpointFormatError,
     KeyPath,
     encode_value,
     read_streaming_checkpoint,
     write_streaming_checkpoint,
 )
-from conversion.outputs import OutputError
+from modeling_ttt.conversion.outputs import OutputError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ttt_jax"
 CHECKPOINT = FIXTURES / "ttt_linear" / "streaming_params"  # float32, hidden size 64
@@ -59,7 +59,7 @@ ENTRY_POINTS = {"ttt-convert-jax": "main", "ttt-convert-to-jax": "main_to_jax"}
 
 def _command(cli: str, args: Sequence[str], setup: str = "") -> list[str]:
     """A fresh interpreter running `cli` on `args`, after `setup` (Python code that instruments the run)."""
-    program = f"import sys\nfrom conversion import jax\n{setup}\nsys.exit(jax.{ENTRY_POINTS[cli]}(sys.argv[1:]))"
+    program = f"import sys\nfrom modeling_ttt.conversion import jax\n{setup}\nsys.exit(jax.{ENTRY_POINTS[cli]}(sys.argv[1:]))"
     return [sys.executable, "-c", program, *args, "--quiet"]
 
 
@@ -409,7 +409,7 @@ def test_bad_input(name: str, corpus_runs: dict[str, CaseRun], monkeypatch: pyte
     if case.file_size_limit is not None or case.instrument:
         return  # the fault is made in the child process only
     # In-process, with the CLI's error handling turned off, the library raises exactly this type.
-    monkeypatch.setattr(conversion.jax, "_USER_ERRORS", ())
+    monkeypatch.setattr(modeling_ttt.conversion.jax, "_USER_ERRORS", ())
     entry = {"ttt-convert-jax": main, "ttt-convert-to-jax": main_to_jax}[case.cli]
     with pytest.raises(case.error) as error:
         entry([*run.args, "--quiet"])
@@ -439,7 +439,7 @@ def test_reader_refuses_chunks_of_different_dtypes(tmp_path: Path) -> None:
 # the file named by $TTT_TEST_MARKER, then sleeps until the test signals it.
 PAUSE_BEFORE_RENAMES = """
 import os, time
-from conversion import outputs
+from modeling_ttt.conversion import outputs
 marker = os.environ["TTT_TEST_MARKER"]
 commit = outputs._commit
 def paused_commit(staged, overwrite):
@@ -535,7 +535,7 @@ def _dead_pid() -> int:
 
 
 def test_only_stale_temporaries_of_the_same_output_are_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from conversion import outputs
+    from modeling_ttt.conversion import outputs
 
     host, dead, live = outputs._HOST, _dead_pid(), os.getppid()
     names = {

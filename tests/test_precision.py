@@ -171,7 +171,7 @@ def test_the_cpp_kernels_step_aside_for_16bit_models(monkeypatch):
 
 
 def test_jax_bf16_train_state_loaded_in_bf16_reproduces_the_jax_logits(tmp_path, capsys):
-    from conversion.jax import main
+    from modeling_ttt.conversion.jax import main
 
     fixture = FIXTURES / "ttt_mlp"
     output = tmp_path / "model"
