@@ -221,3 +221,35 @@ def test_inference_follows_changes_to_the_qk_convs():
     with torch.enable_grad():
         expected = model(input_ids).logits.detach()
     torch.testing.assert_close(replaced, expected, atol=1e-6, rtol=0)
+
+
+def test_the_backend_is_decided_once_per_forward(monkeypatch):
+    """`TTTModel.forward` resolves the backend once and hands its op to every layer; no layer resolves again."""
+    import modeling_ttt.layers
+    import modeling_ttt.modeling_ttt
+
+    model = tiny_model("linear", "mamba", num_hidden_layers=3)
+    calls = []
+    resolve = modeling_ttt.modeling_ttt.get_backend
+    monkeypatch.setattr(modeling_ttt.modeling_ttt, "get_backend", lambda *a: calls.append(a) or resolve(*a))
+    monkeypatch.setattr(modeling_ttt.layers, "get_ttt_ops", lambda *a: pytest.fail("a layer resolved the backend"))
+    ids = torch.randint(1, 97, (2, 11))
+    with torch.no_grad():
+        cache = cache_of(model(ids, use_cache=True))
+        model(ids[:, :1], cache=cache)
+    model(ids, labels=ids).loss.backward()
+    assert len(calls) == 3
+
+
+def test_the_model_and_layers_hold_no_kernel_backend_logic():
+    """The C++ and Triton backends live under `ops/`: the HF classes and the layers only call the backend's op."""
+    import inspect
+
+    import modeling_ttt.layers
+    import modeling_ttt.modeling_ttt
+
+    for module in (modeling_ttt.modeling_ttt, modeling_ttt.layers):
+        source = inspect.getsource(module)
+        for name in ("modeling_ttt_cpu", "ops.cpu", "ops.triton", "import triton", "_global_forward_hooks",
+                     "RemovableHandle", "cpp_kernels_apply", "fused_decode"):
+            assert name not in source, (module.__name__, name)

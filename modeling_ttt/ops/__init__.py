@@ -144,6 +144,5 @@ def get_backend(impl: str, layer_type: str, device: torch.device | str, head_dim
     return Backend(name, inner_loop, model_step)
 
 
-__all__ = ["InnerState", "ttt_linear", "ttt_mlp", "get_ttt_ops", "get_backend", "Backend", "resolve_ttt_impl",
-           "TTT_IMPLEMENTATIONS",
-           "triton_available", "TTT_IMPL_ENV"]
+__all__ = ["Backend", "InnerState", "TTT_IMPLEMENTATIONS", "TTT_IMPL_ENV", "get_backend", "get_ttt_ops", "resolve_ttt_impl",
+           "triton_available", "ttt_linear", "ttt_mlp"]
