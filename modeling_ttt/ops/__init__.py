@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from transformers.utils import logging
 
-from .state import InnerState
+from .state import InnerLoopParams, InnerState
 from .torch_chunk import ttt_linear, ttt_mlp
 from . import cpu  # (builds nothing at import)
 from .cpu import plan as cpu_plan
@@ -144,6 +144,6 @@ def get_backend(impl: str, layer_type: str, device: torch.device | str, head_dim
     return Backend(name, inner_loop, model_step)
 
 
-__all__ = ["InnerState", "ttt_linear", "ttt_mlp", "get_ttt_ops", "get_backend", "Backend", "resolve_ttt_impl",
-           "TTT_IMPLEMENTATIONS",
+__all__ = ["InnerState", "InnerLoopParams", "ttt_linear", "ttt_mlp", "get_ttt_ops", "get_backend", "Backend",
+           "resolve_ttt_impl", "TTT_IMPLEMENTATIONS",
            "triton_available", "TTT_IMPL_ENV"]
