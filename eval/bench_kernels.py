@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from modeling_ttt.ops import InnerState  # noqa: E402
+from modeling_ttt.ops import InnerLoopParams, InnerState  # noqa: E402
 from modeling_ttt.ops import torch_chunk  # noqa: E402
 
 
@@ -52,9 +52,11 @@ def make_problem(layer_type, batch, heads, seq_len, dim, mini_batch, dtype, devi
         xq=randn(batch, heads, seq_len, dim), xk=randn(batch, heads, seq_len, dim),
         xv=randn(batch, heads, seq_len, dim),
         inner_lr=(torch.rand(batch, heads, seq_len, generator=gen, device=device) / dim).to(dtype),
-        token_scale=(1.0 / torch.arange(1, mini_batch + 1, device=device)).to(dtype),
-        ln_weight=torch.ones(heads, dim, device=device, dtype=dtype),
-        ln_bias=torch.zeros(heads, dim, device=device, dtype=dtype),
+        params=InnerLoopParams(
+            token_scale=(1.0 / torch.arange(1, mini_batch + 1, device=device)).to(dtype),
+            ln_weight=torch.ones(heads, dim, device=device, dtype=dtype),
+            ln_bias=torch.zeros(heads, dim, device=device, dtype=dtype),
+        ),
     )
     if layer_type == "linear":
         shapes = [(dim, dim), (1, dim)]
@@ -76,10 +78,12 @@ def bench(fn, rep_ms: int) -> float:
 
 def run_ops(fn, inputs, weights, batch, checkpoint_group, backward):
     """One forward (and backward) of an ops function with fresh leaves."""
-    leaves = {k: v.detach().requires_grad_(backward) for k, v in inputs.items()}
-    params = tuple(w.detach().requires_grad_(backward) for w in weights)
+    leaf = lambda t: t.detach().requires_grad_(backward)  # noqa: E731
+    views = {k: leaf(v) for k, v in inputs.items() if k != "params"}
+    params = InnerLoopParams(*map(leaf, inputs["params"].tensors()), checkpoint_group=checkpoint_group)
+    initial_weights = tuple(leaf(w) for w in weights)
     with torch.set_grad_enabled(backward):
-        out, state = fn(**leaves, state=InnerState.initial(params, batch), checkpoint_group=checkpoint_group)
+        out, state = fn(**views, params=params, state=InnerState.initial(initial_weights, batch))
         if backward:
             (out.float().square().sum() + state.weights[0].float().square().sum()).backward()
     return out
@@ -91,26 +95,27 @@ def fla_ttt_linear():
         from fla.ops.ttt import chunk_ttt_linear
     except Exception:  # noqa: BLE001  (not installed, or fails to import on this machine)
         return None
-    params = inspect.signature(chunk_ttt_linear).parameters
+    fla_arguments = inspect.signature(chunk_ttt_linear).parameters
 
-    def call(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, checkpoint_group=0):
+    def call(xq, xk, xv, inner_lr, params, state):
+        token_scale, ln_weight, ln_bias = params.tensors()
         mini_batch = token_scale.shape[0]
         dim = xq.shape[-1]
         w0 = state.weights[0].contiguous()
         b0 = state.weights[1].contiguous()
-        chunk_arg = {"chunk_size": mini_batch} if "chunk_size" in params else {"BT": mini_batch}
-        if "head_first" in params:
+        chunk_arg = {"chunk_size": mini_batch} if "chunk_size" in fla_arguments else {"BT": mini_batch}
+        if "head_first" in fla_arguments:
             return chunk_ttt_linear(xq, xk, xv, ln_weight, ln_bias, inner_lr.unsqueeze(-1), scale=1.0 / dim ** 0.5,
                                     initial_state=w0, output_final_state=True, head_first=True, **chunk_arg)
         q, k, v = (x.transpose(1, 2).contiguous() for x in (xq, xk, xv))
         eta = inner_lr.transpose(1, 2).unsqueeze(-1).contiguous()
         kwargs = dict(scale=1.0 / dim ** 0.5, initial_state=w0, output_final_state=True, **chunk_arg)
-        if "initial_state_bias" in params:
+        if "initial_state_bias" in fla_arguments:
             kwargs["initial_state_bias"] = b0
         return chunk_ttt_linear(q, k, v, ln_weight, ln_bias, eta, **kwargs)
 
-    def adapter(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, checkpoint_group=0):
-        result = call(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, checkpoint_group)
+    def adapter(xq, xk, xv, inner_lr, params, state, num_tokens=None):
+        result = call(xq, xk, xv, inner_lr, params, state)
         out = result[0]
         final = result[1] if len(result) > 1 and result[1] is not None else state.weights[0]
         return out, InnerState((final,), (), state.seen)

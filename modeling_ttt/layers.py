@@ -16,7 +16,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .configuration_ttt import TTTConfig
-from .ops import InnerState, get_ttt_ops
+from .ops import InnerLoopParams, InnerState, get_ttt_ops
 
 
 class RMSNorm(nn.Module):
@@ -237,6 +237,10 @@ class TTTLayerBase(nn.Module):
         """Mini-batches per recomputation group in backward (training only)."""
         return self.config.scan_checkpoint_group_size if self.training else 0
 
+    def inner_loop_params(self) -> InnerLoopParams:
+        """What the inner-loop op takes besides the views, learning rates and state, built once per forward."""
+        return InnerLoopParams(self.token_scale(), self.ttt_norm_weight, self.ttt_norm_bias, self.checkpoint_group())
+
     # -- forward -----------------------------------------------------------------------------------------------
 
     def forward(self, hidden_states: torch.Tensor, layer_state=None, num_tokens: torch.Tensor | None = None,
@@ -268,8 +272,7 @@ class TTTLayerBase(nn.Module):
             real = torch.arange(seq_len, device=hidden_states.device).unsqueeze(0) < num_tokens.unsqueeze(1)
             inner_lr = inner_lr.masked_fill(~real.unsqueeze(1), 0.0)
 
-        out, new_state = inner_loop(xq, xk, xv, inner_lr, self.token_scale(), self.ttt_norm_weight, self.ttt_norm_bias,
-                                    state, num_tokens, self.checkpoint_group())
+        out, new_state = inner_loop(xq, xk, xv, inner_lr, self.inner_loop_params(), state, num_tokens)
         if layer_state is not None:
             layer_state.inner_state = new_state
 

@@ -1,10 +1,12 @@
 """The dual-form chunk ops against the token-by-token primal form (autograd gradients, Eq. 6/7 literally),
 at any split, with nonzero initial states, rows at different positions and right padding."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from modeling_ttt.ops import InnerState, ttt_linear, ttt_mlp
+from modeling_ttt.ops import InnerLoopParams, InnerState, ttt_linear, ttt_mlp
 from modeling_ttt.ops.torch_chunk import gelu_tanh, gelu_tanh_grad, layer_norm, layer_norm_l2_grad
 
 OPS = {"linear": ttt_linear, "mlp": ttt_mlp}
@@ -16,9 +18,7 @@ def ttt_sequential(
     xk: torch.Tensor,
     xv: torch.Tensor,
     inner_lr: torch.Tensor,
-    token_scale: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
+    params: InnerLoopParams,
     state: InnerState,
 ) -> tuple[torch.Tensor, InnerState]:
     """Primal form, one token at a time, literally as Eq. 6/7 reads (slow; a second spec for the tests).
@@ -26,8 +26,9 @@ def ttt_sequential(
     Materialises `W_i` for every token and takes gradients with autograd, so it shares no code with the dual
     form above beyond the LayerNorm forward."""
     batch, heads, seq_len, head_dim = xq.shape
+    token_scale = params.token_scale
     mini_batch_size = token_scale.shape[0]
-    ln_w, ln_b = ln_weight.view(1, heads, 1, head_dim), ln_bias.view(1, heads, 1, head_dim)
+    ln_w, ln_b = params.ln_weight.view(1, heads, 1, head_dim), params.ln_bias.view(1, heads, 1, head_dim)
     weights = [w.clone() for w in state.weights]
     grads = [g.clone() for g in state.grads]
     seen = state.seen.clone()
@@ -72,8 +73,21 @@ def make_problem(layer_type, batch=3, heads=2, seq_len=37, head_dim=8, mini_batc
     else:
         shapes = [(head_dim, 4 * head_dim), (1, 4 * head_dim), (4 * head_dim, head_dim), (1, head_dim)]
     weights = tuple(randn(heads, *s) * 0.3 for s in shapes)
-    return dict(xq=xq, xk=xk, xv=xv, inner_lr=inner_lr, token_scale=token_scale, ln_weight=ln_weight,
-                ln_bias=ln_bias), weights
+    params = InnerLoopParams(token_scale, ln_weight, ln_bias)
+    return dict(xq=xq, xk=xk, xv=xv, inner_lr=inner_lr, params=params), weights
+
+
+def map_tensors(fn, inputs):
+    """Op arguments (`xq, xk, xv, inner_lr, params`) with `fn` applied to every tensor, the bundle's included."""
+    params = inputs["params"]
+    params = dataclasses.replace(params, token_scale=fn(params.token_scale), ln_weight=fn(params.ln_weight),
+                                 ln_bias=fn(params.ln_bias))
+    return {k: (params if k == "params" else fn(v)) for k, v in inputs.items()}
+
+
+def problem_tensors(problem):
+    """Every tensor of a problem in the order the kernels take them: views, learning rates, the bundle's."""
+    return [*(problem[k] for k in ("xq", "xk", "xv", "inner_lr")), *problem["params"].tensors()]
 
 
 def sliced(problem, start, stop, rows=slice(None)):
@@ -157,9 +171,9 @@ def test_decoding_rows_at_different_positions_values_and_gradients(layer_type, f
     same tokens (the primal spec takes inner gradients with autograd on detached weights, so it has none)."""
     problem, weights = make_problem(layer_type, seq_len=24)
     weights = tuple(w.requires_grad_(True) for w in weights)
-    for key in ("inner_lr", "token_scale"):
-        problem[key].requires_grad_(True)
-    inputs = (*weights, problem["inner_lr"], problem["token_scale"])
+    problem["inner_lr"].requires_grad_(True)
+    problem["params"].token_scale.requires_grad_(True)
+    inputs = (*weights, problem["inner_lr"], problem["params"].token_scale)
     first = torch.tensor(first)
 
     def run(decode: bool):
@@ -197,7 +211,8 @@ def test_checkpointed_groups_give_same_values_and_gradients(layer_type):
     lr = problem["inner_lr"].requires_grad_(True)
     results = []
     for group in (0, 2):
-        out, state = OPS[layer_type](**problem, state=InnerState.initial(weights, 3), checkpoint_group=group)
+        params = dataclasses.replace(problem["params"], checkpoint_group=group)
+        out, state = OPS[layer_type](**dict(problem, params=params), state=InnerState.initial(weights, 3))
         loss = out.square().sum() + sum(w.square().sum() for w in state.weights)
         grads = torch.autograd.grad(loss, (*weights, lr))
         results.append((out.detach(), grads))

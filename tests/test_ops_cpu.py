@@ -5,7 +5,7 @@ it does not handle (autograd, chunks, padding) goes to the reference; whole mode
 import pytest
 import torch
 from conftest import tiny_model
-from test_ops import assert_states_close, make_problem, sliced
+from test_ops import assert_states_close, make_problem, map_tensors, problem_tensors, sliced
 
 from modeling_ttt.compat import cache_of
 from modeling_ttt.ops import InnerState, cpu, torch_chunk
@@ -45,15 +45,15 @@ def test_kernel_equals_the_reference_token_by_token(first):
 
 def test_float32_stays_close_and_inputs_are_untouched():
     problem, weights = make_problem("linear", seq_len=20)
-    problem = {k: v.float() for k, v in problem.items()}
+    problem = map_tensors(lambda t: t.float(), problem)
     state = InnerState.initial(tuple(w.float() for w in weights), 3)
-    kept = [t.clone() for t in (*state.weights, *state.grads, *problem.values())]
+    kept = [t.clone() for t in (*state.weights, *state.grads, *problem_tensors(problem))]
     with torch.inference_mode():
         ref_out, ref_state, cpp_out, cpp_state = decode_both(problem, state, 0, 20)
     torch.testing.assert_close(cpp_out, ref_out, atol=2e-5, rtol=1e-5)
     for a, b in zip((*cpp_state.weights, *cpp_state.grads), (*ref_state.weights, *ref_state.grads)):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
-    for before, now in zip(kept, (*state.weights, *state.grads, *problem.values())):
+    for before, now in zip(kept, (*state.weights, *state.grads, *problem_tensors(problem))):
         assert torch.equal(before, now)
 
 
@@ -83,7 +83,7 @@ def test_bad_inputs_are_named():
     problem, weights = make_problem("linear", seq_len=1)
     state = InnerState.initial(weights, 3)
     op = torch.ops.modeling_ttt_cpu.ttt_linear_decode
-    args = [problem[k] for k in ("xq", "xk", "xv", "inner_lr", "token_scale", "ln_weight", "ln_bias")]
+    args = problem_tensors(problem)
     with pytest.raises(ValueError, match="share one dtype"):
         op(*args[:3], args[3].float(), *args[4:], *state.weights, *state.grads, state.seen, 1e-6)
     with pytest.raises(ValueError, match=r"seen must be int64 \[B\]"):

@@ -9,7 +9,7 @@ states, rows at different positions (mid-mini-batch, with pending sums G), right
 
 import pytest
 import torch
-from test_ops import ttt_sequential
+from test_ops import map_tensors, ttt_sequential
 from test_triton import SKIP_REASON, assert_close_scaled, make_case, run_with_grads
 
 from modeling_ttt.ops import InnerState, cpu, naive, torch_chunk
@@ -37,7 +37,7 @@ def case(layer_type, name, dtype=torch.float64, device="cpu"):
     inputs, state, num_tokens = make_case(layer_type, seq_len=seq_len, seen=seen, num_tokens=num_tokens, dtype=dtype)
     move = lambda t: None if t is None else t.to(device)  # noqa: E731
     state = InnerState(tuple(map(move, state.weights)), tuple(map(move, state.grads)), move(state.seen))
-    return {k: move(v) for k, v in inputs.items()}, state, move(num_tokens)
+    return map_tensors(move, inputs), state, move(num_tokens)
 
 
 def tensors(out, state):
@@ -98,7 +98,7 @@ def test_spec_precision_rule(layer_type):
     inputs, state, num_tokens = case(layer_type, "right-padding", dtype=torch.bfloat16)
     out, new_state = NAIVE[layer_type](**inputs, state=state, num_tokens=num_tokens)
     assert out.dtype == torch.bfloat16 and all(w.dtype == torch.float32 for w in tensors(out, new_state)[1:])
-    upcast = {k: v.float() for k, v in inputs.items()}
+    upcast = map_tensors(lambda t: t.float(), inputs)
     state32 = InnerState(tuple(w.float() for w in state.weights), tuple(g.float() for g in state.grads), state.seen)
     expected_out, expected_state = NAIVE[layer_type](**upcast, state=state32, num_tokens=num_tokens)
     assert torch.equal(out, expected_out.to(torch.bfloat16))
@@ -154,8 +154,8 @@ def _triton(layer_type):
 def in_float64(inputs, state):
     """The same (float32) values in float64, for the spec."""
     up = lambda t: t.double()  # noqa: E731
-    return {k: up(v) for k, v in inputs.items()}, InnerState(tuple(map(up, state.weights)),
-                                                             tuple(map(up, state.grads)), state.seen)
+    return map_tensors(up, inputs), InnerState(tuple(map(up, state.weights)), tuple(map(up, state.grads)),
+                                               state.seen)
 
 
 def _spec_in_float64(layer_type, inputs, state, num_tokens):

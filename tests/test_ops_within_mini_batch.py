@@ -5,7 +5,7 @@ token-by-token primal form."""
 import pytest
 import torch
 
-from modeling_ttt.ops import InnerState, ttt_linear, ttt_mlp
+from modeling_ttt.ops import InnerLoopParams, InnerState, ttt_linear, ttt_mlp
 from test_ops import ttt_sequential
 
 OPS = {"linear": ttt_linear, "mlp": ttt_mlp}
@@ -18,8 +18,8 @@ def problem(layer_type, seq_len, seed):
     shape = (BATCH, HEADS, seq_len, HEAD_DIM)
     inputs = dict(xq=randn(*shape), xk=randn(*shape), xv=randn(*shape),
                   inner_lr=torch.rand(BATCH, HEADS, seq_len, generator=gen, dtype=torch.float64) * 0.5)
-    params = dict(token_scale=torch.rand(MINI_BATCH, generator=gen, dtype=torch.float64),
-                  ln_weight=randn(HEADS, HEAD_DIM), ln_bias=randn(HEADS, HEAD_DIM))
+    params = InnerLoopParams(token_scale=torch.rand(MINI_BATCH, generator=gen, dtype=torch.float64),
+                             ln_weight=randn(HEADS, HEAD_DIM), ln_bias=randn(HEADS, HEAD_DIM))
     hidden = HEAD_DIM if layer_type == "linear" else 4 * HEAD_DIM
     shapes = [(HEAD_DIM, hidden), (1, hidden)] + ([] if layer_type == "linear" else [(hidden, HEAD_DIM), (1, HEAD_DIM)])
     weights = tuple(randn(HEADS, *s) * 0.3 for s in shapes)
@@ -59,7 +59,7 @@ def test_rows_inside_their_mini_batch_match_the_primal_form(layer_type, first, s
         chunk = take(inputs, start, start + width)
         real = torch.arange(width).view(1, 1, width) < counts.view(BATCH, 1, 1)
         chunk["inner_lr"] = chunk["inner_lr"] * real
-        out, state = op(**chunk, **params, state=state, num_tokens=counts)
+        out, state = op(**chunk, params=params, state=state, num_tokens=counts)
         assert torch.all(out.masked_select(~real.unsqueeze(-1)) == 0)
         outputs.append(out)
         states.append(state)
@@ -68,7 +68,7 @@ def test_rows_inside_their_mini_batch_match_the_primal_form(layer_type, first, s
         for step, (start, counts) in enumerate(((0, first), (8, second))):
             n = counts[row]
             expected, reference = ttt_sequential(layer_type, **take(inputs, start, start + n, slice(row, row + 1)),
-                                                 **params, state=reference)
+                                                 params=params, state=reference)
             torch.testing.assert_close(outputs[step][row : row + 1, :, :n], expected, atol=1e-10, rtol=0)
             assert_close(one_row(states[step + 1], row), reference)
 
@@ -78,9 +78,9 @@ def test_decode_steps_keep_gradients(layer_type):
     """The path is differentiable like the general one (short training sequences take it too)."""
     inputs, params, weights = problem(layer_type, 5, seed=3)
     weights = tuple(w.requires_grad_(True) for w in weights)
-    out, state = OPS[layer_type](**inputs, **params, state=InnerState.initial(weights, BATCH))
+    out, state = OPS[layer_type](**inputs, params=params, state=InnerState.initial(weights, BATCH))
     grads = torch.autograd.grad(out.square().sum() + sum(g.square().sum() for g in state.grads), weights)
-    reference_out, reference_state = ttt_sequential(layer_type, **inputs, **params,
+    reference_out, reference_state = ttt_sequential(layer_type, **inputs, params=params,
                                                     state=InnerState.initial(weights, BATCH))
     torch.testing.assert_close(out, reference_out, atol=1e-10, rtol=0)
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)

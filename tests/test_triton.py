@@ -13,9 +13,10 @@ import os
 
 import pytest
 import torch
+from test_ops import map_tensors
 
 from modeling_ttt import TTTConfig
-from modeling_ttt.ops import InnerState, get_ttt_ops, resolve_ttt_impl, triton_available
+from modeling_ttt.ops import InnerLoopParams, InnerState, get_ttt_ops, resolve_ttt_impl, triton_available
 from modeling_ttt.ops import torch_chunk
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -51,8 +52,10 @@ def make_case(layer_type, batch=2, heads=2, seq_len=19, head_dim=16, mini_batch_
         xq=randn(batch, heads, seq_len, head_dim), xk=randn(batch, heads, seq_len, head_dim),
         xv=randn(batch, heads, seq_len, head_dim),
         inner_lr=(torch.rand(batch, heads, seq_len, generator=gen, dtype=torch.float64) * 0.5).to(dtype).to(DEVICE),
-        token_scale=(torch.rand(mini_batch_size, generator=gen, dtype=torch.float64) + 0.1).to(dtype).to(DEVICE),
-        ln_weight=1.0 + randn(heads, head_dim, std=0.3), ln_bias=randn(heads, head_dim, std=0.3),
+        params=InnerLoopParams(
+            token_scale=(torch.rand(mini_batch_size, generator=gen, dtype=torch.float64) + 0.1).to(dtype).to(DEVICE),
+            ln_weight=1.0 + randn(heads, head_dim, std=0.3), ln_bias=randn(heads, head_dim, std=0.3),
+        ),
     )
     if layer_type == "linear":
         shapes = [(head_dim, head_dim), (1, head_dim)]
@@ -70,12 +73,17 @@ def make_case(layer_type, batch=2, heads=2, seq_len=19, head_dim=16, mini_batch_
 
 
 def run_with_grads(fn, inputs, state, num_tokens, checkpoint_group, seed=1):
-    """Outputs, final state and the gradients of a random linear function of both w.r.t. every input."""
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
+    """Outputs, final state and the gradients of a random linear function of both w.r.t. every input (the
+    bundle's tensors by their field names)."""
+    views = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items() if k != "params"}
+    params = inputs["params"]
+    bundle = {name: getattr(params, name).detach().clone().requires_grad_(True)
+              for name in ("token_scale", "ln_weight", "ln_bias")}
+    leaves = {**views, **bundle}
     weights = [w.detach().clone().requires_grad_(True) for w in state.weights]
     grads = [g.detach().clone().requires_grad_(True) for g in state.grads]
-    out, new_state = fn(**leaves, state=InnerState(tuple(weights), tuple(grads), state.seen.clone()),
-                        num_tokens=num_tokens, checkpoint_group=checkpoint_group)
+    out, new_state = fn(**views, params=InnerLoopParams(**bundle, checkpoint_group=checkpoint_group),
+                        state=InnerState(tuple(weights), tuple(grads), state.seen.clone()), num_tokens=num_tokens)
     gen = torch.Generator().manual_seed(seed)
     results = (out, *new_state.weights, *new_state.grads)
     probes = [torch.randn(r.shape, generator=gen, dtype=torch.float64).to(r) for r in results]
@@ -207,7 +215,7 @@ def test_half_precision_inputs_accumulate_in_fp32(dtype):
     assert out.dtype == dtype and new_state.weights[0].dtype == torch.float32
     ref_out, ref_state = torch_chunk.ttt_linear(**inputs, state=state, num_tokens=num_tokens)  # 16-bit in, too
     assert ref_out.dtype == dtype and ref_state.weights[0].dtype == torch.float32
-    upcast = {k: v.float() for k, v in inputs.items()}
+    upcast = map_tensors(lambda t: t.float(), inputs)
     state32 = InnerState(tuple(w.float() for w in state.weights), tuple(g.float() for g in state.grads), state.seen)
     expected, expected_state = torch_chunk.ttt_linear(**upcast, state=state32, num_tokens=num_tokens)
     assert_close_scaled(out.float(), expected, 1e-2, "out")

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from transformers.utils import logging
 
-from .state import InnerState
+from .state import InnerLoopParams, InnerState
 from .torch_chunk import ttt_linear, ttt_mlp
 from . import cpu  # (builds nothing at import)
 from .cpu import plan as cpu_plan
@@ -144,5 +144,5 @@ def get_backend(impl: str, layer_type: str, device: torch.device | str, head_dim
     return Backend(name, inner_loop, model_step)
 
 
-__all__ = ["Backend", "InnerState", "TTT_IMPLEMENTATIONS", "TTT_IMPL_ENV", "get_backend", "get_ttt_ops", "resolve_ttt_impl",
-           "triton_available", "ttt_linear", "ttt_mlp"]
+__all__ = ["Backend", "InnerLoopParams", "InnerState", "TTT_IMPLEMENTATIONS", "TTT_IMPL_ENV", "get_backend",
+           "get_ttt_ops", "resolve_ttt_impl", "triton_available", "ttt_linear", "ttt_mlp"]

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .state import InnerLoopParams, InnerState
+
 
 @dataclass
 class Frame:
@@ -71,16 +73,16 @@ def from_frame(y: torch.Tensor, frame: Frame, seq_len: int) -> torch.Tensor:
     return out.masked_fill(~real.view(y.shape[0], 1, seq_len, 1), 0.0)
 
 
-def check_inputs(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens, num_weights):
+def check_inputs(xq, xk, xv, inner_lr, params: InnerLoopParams, state: InnerState, num_tokens, num_weights):
     batch, heads, seq_len, head_dim = xq.shape
     if xk.shape != xq.shape or xv.shape != xq.shape:
         raise ValueError(f"xq, xk, xv must share a shape [B, H, T, d]; got {xq.shape}, {xk.shape}, {xv.shape}.")
     if inner_lr.shape != (batch, heads, seq_len):
         raise ValueError(f"inner_lr must be [B, H, T] = {(batch, heads, seq_len)}, got {tuple(inner_lr.shape)}.")
-    if token_scale.dim() != 1:
-        raise ValueError(f"token_scale must be [mini_batch_size], got {tuple(token_scale.shape)}.")
-    if ln_weight.shape != (heads, head_dim) or ln_bias.shape != (heads, head_dim):
-        raise ValueError(f"ln_weight/ln_bias must be [H, d] = {(heads, head_dim)}.")
+    if params.token_scale.dim() != 1:
+        raise ValueError(f"params.token_scale must be [mini_batch_size], got {tuple(params.token_scale.shape)}.")
+    if params.ln_weight.shape != (heads, head_dim) or params.ln_bias.shape != (heads, head_dim):
+        raise ValueError(f"params.ln_weight/ln_bias must be [H, d] = {(heads, head_dim)}.")
     if len(state.weights) != num_weights or len(state.grads) != num_weights:
         raise ValueError(f"the inner state must hold {num_weights} weights and {num_weights} gradient sums.")
     if state.seen.shape != (batch,):

@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from .state import LAYER_NORM_EPS, InnerState, in_inner_dtype
+from .state import LAYER_NORM_EPS, InnerLoopParams, InnerState, in_inner_dtype
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -159,11 +159,11 @@ def dual_form(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, weights, gr
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Public ops: the signature of reference.ttt_linear / ttt_mlp
+# Public ops: the signature of torch_chunk.ttt_linear / ttt_mlp
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _ttt(num_weights, form, xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state: InnerState, num_tokens):
+def _ttt(num_weights, form, xq, xk, xv, inner_lr, params: InnerLoopParams, state: InnerState, num_tokens):
     if form not in ("dual", "primal"):
         raise ValueError(f"form must be 'dual' or 'primal', got {form!r}.")
     if len(state.weights) != num_weights or len(state.grads) != num_weights:
@@ -171,17 +171,16 @@ def _ttt(num_weights, form, xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bia
     run = dual_form if form == "dual" else primal_form
     out_dtype = xq.dtype
     # Precision (state.py): compute and keep the state in float32 for 16-bit inputs, without autocast.
-    xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state = in_inner_dtype(
-        xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state)
+    xq, xk, xv, inner_lr, params, state = in_inner_dtype(xq, xk, xv, inner_lr, params, state)
     batch, heads, seq_len, head_dim = xq.shape
     counts = [seq_len] * batch if num_tokens is None else [int(n) for n in num_tokens.tolist()]
-    ln_w, ln_b = ln_weight.view(heads, 1, head_dim), ln_bias.view(heads, 1, head_dim)
+    ln_w, ln_b = params.ln_weight.view(heads, 1, head_dim), params.ln_bias.view(heads, 1, head_dim)
     outputs, new_weights, new_grads = [], [], []
     with torch.autocast(xq.device.type, enabled=False):
         for row in range(batch):  # rows are independent: each has its own inner models and position
             real = slice(0, counts[row])  # the row's real tokens; its padding never enters a computation
             out, weights, grads = run(
-                xq[row, :, real], xk[row, :, real], xv[row, :, real], inner_lr[row, :, real], token_scale,
+                xq[row, :, real], xk[row, :, real], xv[row, :, real], inner_lr[row, :, real], params.token_scale,
                 ln_w, ln_b, [w[row] for w in state.weights], [g[row] for g in state.grads], int(state.seen[row]))
             outputs.append(torch.cat([out, out.new_zeros(heads, seq_len - counts[row], head_dim)], dim=1))
             new_weights.append(weights)
@@ -192,18 +191,19 @@ def _ttt(num_weights, form, xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bia
     return out, InnerState(stack(new_weights), stack(new_grads), seen)
 
 
-def ttt_linear(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state: InnerState, num_tokens=None,
-               checkpoint_group: int = 0, *, form: str = "dual") -> tuple[torch.Tensor, InnerState]:
+def ttt_linear(xq, xk, xv, inner_lr, params: InnerLoopParams, state: InnerState, num_tokens=None, *,
+               form: str = "dual") -> tuple[torch.Tensor, InnerState]:
     """TTT-Linear over a chunk from `state` on: arguments and results as in `torch_chunk.ttt_linear` (outputs
     `[B, H, T, d]` in xq's dtype, zeros at padding; the new state). `form`: "dual" (Sec. 2.6) or "primal"
-    (Eq. 6/7 token by token). `checkpoint_group` only trades memory in the other backends; it changes no value."""
-    return _ttt(2, form, xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens)
+    (Eq. 6/7 token by token). `params.checkpoint_group` only trades memory in the other backends; it is not read
+    here."""
+    return _ttt(2, form, xq, xk, xv, inner_lr, params, state, num_tokens)
 
 
-def ttt_mlp(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state: InnerState, num_tokens=None,
-            checkpoint_group: int = 0, *, form: str = "dual") -> tuple[torch.Tensor, InnerState]:
+def ttt_mlp(xq, xk, xv, inner_lr, params: InnerLoopParams, state: InnerState, num_tokens=None, *,
+            form: str = "dual") -> tuple[torch.Tensor, InnerState]:
     """TTT-MLP over a chunk from `state` on: as [`ttt_linear`], with the 4-tensor state `(W1, b1, W2, b2)`."""
-    return _ttt(4, form, xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens)
+    return _ttt(4, form, xq, xk, xv, inner_lr, params, state, num_tokens)
 
 
 __all__ = ["ttt_linear", "ttt_mlp", "primal_form", "dual_form", "loss_grads_per_token", "layer_norm",

@@ -1,4 +1,5 @@
-"""The inner state every backend reads and writes, and the precision rule they share.
+"""The inner state every backend reads and writes, the per-layer parameters of the inner loop that every op takes
+with it (`InnerLoopParams`), and the precision rule they share.
 
 Mini-batch TTT (Sun et al. 2024, Sec. 2.5) takes every gradient of a mini-batch at the weights `W₀` of its start,
 so the state after any prefix of a mini-batch is `W₀` (and biases), the pending learning-rate-weighted gradient sum
@@ -20,7 +21,7 @@ rounding.) The cache therefore stores the state in float32 for a 16-bit model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -51,6 +52,31 @@ class InnerState:
         return cls(expanded, grads, seen)
 
 
+@dataclass(frozen=True)
+class InnerLoopParams:
+    """The parameters of one TTT layer's inner loop that are the same for every token of a call: what an op takes
+    besides the token views, their learning rates and the state (built once per forward by
+    `TTTLayerBase.inner_loop_params`).
+
+    token_scale: `[M]` scale of each position of a mini-batch, `max(1/(i+1) + learnable_i, 0)` (Sec. 2.7); `M` is
+        the mini-batch size.
+    ln_weight, ln_bias: `[H, d]` the per-head LayerNorm of the inner loss and of the inner model's output.
+    checkpoint_group: in backward, recompute this many mini-batches at a time (0: store every mini-batch's
+        weights). Trades memory for time only; it changes no value.
+
+    Its tensors are cast like the op's other inputs ("Precision" above, `in_inner_dtype`).
+    """
+
+    token_scale: torch.Tensor
+    ln_weight: torch.Tensor
+    ln_bias: torch.Tensor
+    checkpoint_group: int = 0
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(token_scale, ln_weight, ln_bias)`."""
+        return self.token_scale, self.ln_weight, self.ln_bias
+
+
 def inner_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the inner loop's arithmetic and state for inputs of `dtype` (see "Precision" above)."""
     return torch.promote_types(dtype, torch.float32)
@@ -63,11 +89,20 @@ def state_in_dtype(state: InnerState, dtype: torch.dtype) -> InnerState:
     return InnerState(tuple(w.to(dtype) for w in state.weights), tuple(g.to(dtype) for g in state.grads), state.seen)
 
 
-def in_inner_dtype(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state: InnerState):
+def params_in_dtype(params: InnerLoopParams, dtype: torch.dtype) -> InnerLoopParams:
+    """`params` with its tensors in `dtype` (the same object when they already are)."""
+    if all(t.dtype == dtype for t in params.tensors()):
+        return params
+    token_scale, ln_weight, ln_bias = (t if t.dtype == dtype else t.to(dtype) for t in params.tensors())
+    return replace(params, token_scale=token_scale, ln_weight=ln_weight, ln_bias=ln_bias)
+
+
+def in_inner_dtype(xq, xk, xv, inner_lr, params: InnerLoopParams, state: InnerState):
     """The op arguments cast to `inner_dtype(xq.dtype)` (no copies when they already are)."""
     dtype = inner_dtype(xq.dtype)
-    cast = [t if t.dtype == dtype else t.to(dtype) for t in (xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias)]
-    return (*cast, state_in_dtype(state, dtype))
+    views = [t if t.dtype == dtype else t.to(dtype) for t in (xq, xk, xv, inner_lr)]
+    return (*views, params_in_dtype(params, dtype), state_in_dtype(state, dtype))
 
 
-__all__ = ["InnerState", "LAYER_NORM_EPS", "inner_dtype", "in_inner_dtype", "state_in_dtype"]
+__all__ = ["InnerState", "InnerLoopParams", "LAYER_NORM_EPS", "inner_dtype", "in_inner_dtype", "params_in_dtype",
+           "state_in_dtype"]

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .frame import check_inputs, from_frame, make_frame, to_frame
-from .state import LAYER_NORM_EPS, InnerState, in_inner_dtype
+from .state import LAYER_NORM_EPS, InnerLoopParams, InnerState, in_inner_dtype
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
@@ -79,18 +79,16 @@ def _ttt_chunk(
     xk: torch.Tensor,
     xv: torch.Tensor,
     inner_lr: torch.Tensor,
-    token_scale: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
+    params: InnerLoopParams,
     state: InnerState,
     num_tokens: torch.Tensor | None,
-    checkpoint_group: int,
 ) -> tuple[torch.Tensor, InnerState]:
     batch, heads, seq_len, head_dim = xq.shape
     rows = batch * heads  # the loop works on [B·H, ...] so every product is one batched matmul
+    token_scale, ln_weight, ln_bias = params.tensors()
     mini_batch_size = token_scale.shape[0]
     if batch > 0 and seq_len == 1 and num_tokens is None:  # decoding
-        return _ttt_one_token(layer_type, xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state)
+        return _ttt_one_token(layer_type, xq, xk, xv, inner_lr, params, state)
     if batch > 0 and seq_len <= mini_batch_size:
         # Host-side bookkeeping (one sync): where each row's chunk ends inside its current mini-batch.
         shift = state.seen % mini_batch_size
@@ -99,8 +97,8 @@ def _ttt_chunk(
         ends = [s + c for s, c in zip(shifts, counts)]
         if max(ends) <= mini_batch_size:
             # Every row's chunk ends inside (or at the end of) its current mini-batch: decoding, short prompts.
-            return _ttt_within_mini_batch(layer_type, xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state,
-                                          num_tokens, shift, shifts, ends)
+            return _ttt_within_mini_batch(layer_type, xq, xk, xv, inner_lr, params, state, num_tokens, shift, shifts,
+                                          ends)
     frame = make_frame(state.seen, num_tokens, seq_len, mini_batch_size)
     num_mini_batches = frame.length // mini_batch_size
 
@@ -165,6 +163,7 @@ def _ttt_chunk(
 
     carry = (*_pack(layer_type, state.weights, rows), *_pack(layer_type, state.grads, rows))
     grads_are_zero = not has_pending
+    checkpoint_group = params.checkpoint_group
     group = checkpoint_group if (checkpoint_group > 0 and torch.is_grad_enabled()) else num_mini_batches
     z_bars = []
     for first in range(0, num_mini_batches, group):
@@ -197,9 +196,7 @@ def _ttt_one_token(
     xk: torch.Tensor,
     xv: torch.Tensor,
     inner_lr: torch.Tensor,
-    token_scale: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
+    params: InnerLoopParams,
     state: InnerState,
 ) -> tuple[torch.Tensor, InnerState]:
     """`_ttt_chunk` for exactly one real token per row (decoding), in the primal form: Eq. 6/7 read literally for
@@ -210,6 +207,7 @@ def _ttt_one_token(
     each instead of writing and re-reading a weight-sized tensor."""
     batch, heads, _, head_dim = xq.shape
     rows = batch * heads
+    token_scale, ln_weight, ln_bias = params.tensors()
     mini_batch_size = token_scale.shape[0]
     position = state.seen % mini_batch_size  # [B]
     positions = position.tolist()  # host-side bookkeeping (one sync)
@@ -276,9 +274,7 @@ def _ttt_within_mini_batch(
     xk: torch.Tensor,
     xv: torch.Tensor,
     inner_lr: torch.Tensor,
-    token_scale: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
+    params: InnerLoopParams,
     state: InnerState,
     num_tokens: torch.Tensor | None,
     shift: torch.Tensor,
@@ -293,6 +289,7 @@ def _ttt_within_mini_batch(
     `shift` is `seen mod M` (`[B]`); `shifts` and `ends` (`shift + tokens` per row) are the same on the host."""
     batch, heads, seq_len, head_dim = xq.shape
     rows = batch * heads
+    token_scale, ln_weight, ln_bias = params.tensors()
     mini_batch_size = token_scale.shape[0]
     if seq_len == 1:
         positions = shift.unsqueeze(1)  # [B, 1]
@@ -461,15 +458,15 @@ def _mlp_step(weights, pending, inputs, pending_scale, ln_w_sq):
     return z2_bar, increments
 
 
-def _in_precision(layer_type, xq, *args) -> tuple[torch.Tensor, InnerState]:
+def _in_precision(layer_type, xq, xk, xv, inner_lr, params, state, num_tokens) -> tuple[torch.Tensor, InnerState]:
     """`_ttt_chunk` in `inner_dtype` without autocast, the outputs back in the dtype of `xq` ("Precision")."""
     device_type = xq.device.type
-    cast = in_inner_dtype(xq, *args[:7])
+    cast = in_inner_dtype(xq, xk, xv, inner_lr, params, state)
     if torch.is_autocast_enabled(device_type):
         with torch.autocast(device_type, enabled=False):
-            out, state = _ttt_chunk(layer_type, *cast, *args[7:])
+            out, state = _ttt_chunk(layer_type, *cast, num_tokens)
     else:
-        out, state = _ttt_chunk(layer_type, *cast, *args[7:])
+        out, state = _ttt_chunk(layer_type, *cast, num_tokens)
     return (out if out.dtype == xq.dtype else out.to(xq.dtype)), state
 
 
@@ -478,30 +475,24 @@ def ttt_linear(
     xk: torch.Tensor,
     xv: torch.Tensor,
     inner_lr: torch.Tensor,
-    token_scale: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
+    params: InnerLoopParams,
     state: InnerState,
     num_tokens: torch.Tensor | None = None,
-    checkpoint_group: int = 0,
 ) -> tuple[torch.Tensor, InnerState]:
     """TTT-Linear over a chunk, from `state` on.
 
     Args:
         xq, xk, xv: `[B, H, T, d]` test, training and label views (after RoPE for xq/xk).
         inner_lr: `[B, H, T]` per-token inner learning rate `η_base·σ(θ_lr·x)/d`; must be 0 at padding.
-        token_scale: `[M]` per-position scale `max(1/(i+1) + learnable_i, 0)`.
-        ln_weight, ln_bias: `[H, d]` LayerNorm of the inner loss and output.
+        params: the layer's token scale `[M]`, inner LayerNorm `[H, d]` and checkpoint group (`InnerLoopParams`).
         state: the inner state before the chunk.
         num_tokens: `[B]` real tokens per row (right padding); `None` means all `T`.
-        checkpoint_group: recompute this many mini-batches at a time in backward (0: store all).
 
     Returns:
         `[B, H, T, d]` outputs `x_q + LN(f(x_q))` (zeros at padding) and the state after the chunk.
     """
-    check_inputs(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens, 2)
-    return _in_precision("linear", xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens,
-                         checkpoint_group)
+    check_inputs(xq, xk, xv, inner_lr, params, state, num_tokens, 2)
+    return _in_precision("linear", xq, xk, xv, inner_lr, params, state, num_tokens)
 
 
 def ttt_mlp(
@@ -509,14 +500,10 @@ def ttt_mlp(
     xk: torch.Tensor,
     xv: torch.Tensor,
     inner_lr: torch.Tensor,
-    token_scale: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
+    params: InnerLoopParams,
     state: InnerState,
     num_tokens: torch.Tensor | None = None,
-    checkpoint_group: int = 0,
 ) -> tuple[torch.Tensor, InnerState]:
     """TTT-MLP over a chunk, from `state` on; arguments as in [`ttt_linear`], with a 4-tensor state."""
-    check_inputs(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens, 4)
-    return _in_precision("mlp", xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens,
-                         checkpoint_group)
+    check_inputs(xq, xk, xv, inner_lr, params, state, num_tokens, 4)
+    return _in_precision("mlp", xq, xk, xv, inner_lr, params, state, num_tokens)

@@ -36,7 +36,7 @@ import torch
 from transformers.utils import logging
 
 from .. import torch_chunk
-from ..state import LAYER_NORM_EPS, InnerState
+from ..state import LAYER_NORM_EPS, InnerLoopParams, InnerState
 
 try:
     import fcntl
@@ -201,43 +201,38 @@ def ttt_linear(
     xk: torch.Tensor,
     xv: torch.Tensor,
     inner_lr: torch.Tensor,
-    token_scale: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
+    params: InnerLoopParams,
     state: InnerState,
     num_tokens: torch.Tensor | None = None,
-    checkpoint_group: int = 0,
 ) -> tuple[torch.Tensor, InnerState]:
     """[`modeling_ttt.ops.torch_chunk.ttt_linear`], with decoding steps run by the C++ kernel (`ttt_impl="cpp"`:
     a kernel that cannot be built is a `RuntimeError`)."""
-    if not decodes(xq, num_tokens, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, *state.weights, *state.grads):
-        return torch_chunk.ttt_linear(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens,
-                                    checkpoint_group)
+    if not decodes(xq, num_tokens, xk, xv, inner_lr, *params.tensors(), *state.weights, *state.grads):
+        return torch_chunk.ttt_linear(xq, xk, xv, inner_lr, params, state, num_tokens)
     error = build_error()
     if error is not None:
         raise RuntimeError(f"The C++ CPU decoding kernel of modeling_ttt could not be built ({error}); use "
                            "ttt_impl='torch' (or 'auto', which then uses the PyTorch reference).")
-    return _decode(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state)
+    return _decode(xq, xk, xv, inner_lr, params, state)
 
 
-def ttt_linear_or_reference(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state: InnerState,
-                            num_tokens=None, checkpoint_group: int = 0) -> tuple[torch.Tensor, InnerState]:
+def ttt_linear_or_reference(xq, xk, xv, inner_lr, params: InnerLoopParams, state: InnerState,
+                            num_tokens=None) -> tuple[torch.Tensor, InnerState]:
     """`ttt_linear` for `ttt_impl="auto"`: a kernel that cannot be built leaves the step to the reference (with
     one warning)."""
-    if (decodes(xq, num_tokens, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, *state.weights, *state.grads)
+    if (decodes(xq, num_tokens, xk, xv, inner_lr, *params.tensors(), *state.weights, *state.grads)
             and build_error() is None):
-        return _decode(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state)
+        return _decode(xq, xk, xv, inner_lr, params, state)
     if _build_result is not None and _build_result is not _NOT_TRIED:  # an attempt failed
         from .. import _warn_cpp_unavailable
 
         _warn_cpp_unavailable(_build_result)
-    return torch_chunk.ttt_linear(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens,
-                                checkpoint_group)
+    return torch_chunk.ttt_linear(xq, xk, xv, inner_lr, params, state, num_tokens)
 
 
-def _decode(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state: InnerState):
-    outputs = torch.ops.modeling_ttt_cpu.ttt_linear_decode(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias,
-                                                           *state.weights, *state.grads, state.seen, LAYER_NORM_EPS)
+def _decode(xq, xk, xv, inner_lr, params: InnerLoopParams, state: InnerState):
+    outputs = torch.ops.modeling_ttt_cpu.ttt_linear_decode(xq, xk, xv, inner_lr, *params.tensors(), *state.weights,
+                                                           *state.grads, state.seen, LAYER_NORM_EPS)
     return outputs[0], state_after(state, outputs[1:])
 
 

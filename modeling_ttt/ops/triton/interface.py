@@ -41,7 +41,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ..frame import check_inputs, from_frame, make_frame, to_frame
-from ..state import LAYER_NORM_EPS, InnerState, inner_dtype, state_in_dtype
+from ..state import LAYER_NORM_EPS, InnerLoopParams, InnerState, inner_dtype, state_in_dtype
 from .chunk_linear import ttt_linear_bwd_kernel, ttt_linear_fwd_kernel
 from .chunk_mlp import ttt_mlp_bwd_kernel, ttt_mlp_fwd_kernel
 from .decode import ttt_linear_decode_kernel, ttt_mlp_decode_kernel
@@ -203,8 +203,9 @@ class _TTTChunk(torch.autograd.Function):
                 *d_weights, *d_pending)
 
 
-def _chunk(layer_type, xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens, checkpoint_group):
+def _chunk(layer_type, xq, xk, xv, inner_lr, params: InnerLoopParams, state: InnerState, num_tokens):
     batch, heads, seq_len, dim = xq.shape
+    token_scale, ln_weight, ln_bias = params.tensors()
     mini_batch_size = token_scale.shape[0]
     _check_device(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, *state.weights, *state.grads, state.seen)
     if not supports(layer_type, dim):
@@ -217,7 +218,7 @@ def _chunk(layer_type, xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, st
     tensors = (xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, *state.weights, *state.grads)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if seq_len == 1 and not save:  # decoding: the primal-form kernel (no frame, no autograd)
-        return _decode(layer_type, xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens)
+        return _decode(layer_type, xq, xk, xv, inner_lr, params, state, num_tokens)
     frame = make_frame(state.seen, num_tokens, seq_len, mini_batch_size)
     has_pending = not frame.identity and bool(frame.shift.any())
     end = frame.end.to(torch.int32).contiguous()
@@ -225,7 +226,7 @@ def _chunk(layer_type, xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, st
     def framed(x):
         return to_frame(x, frame).contiguous()
 
-    ckpt_every = checkpoint_group if checkpoint_group > 0 else 1
+    ckpt_every = params.checkpoint_group if params.checkpoint_group > 0 else 1
     weights = tuple(w.contiguous() for w in state.weights)
     grads = tuple(g.contiguous() for g in state.grads)
     out, *new_state = _TTTChunk.apply(
@@ -237,9 +238,10 @@ def _chunk(layer_type, xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, st
     return out, InnerState(tuple(new_state[:num_weights]), tuple(new_state[num_weights:]), state.seen + count)
 
 
-def _decode(layer_type, xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens):
+def _decode(layer_type, xq, xk, xv, inner_lr, params: InnerLoopParams, state: InnerState, num_tokens):
     """One token per row (`T = 1`), forward only: `decode.py`."""
     batch, heads, _, dim = xq.shape
+    token_scale, ln_weight, ln_bias = params.tensors()
     mini_batch_size = token_scale.shape[0]
     count = num_tokens if num_tokens is not None else torch.ones_like(state.seen)
     weights = tuple(w.contiguous() for w in state.weights)
@@ -262,17 +264,13 @@ def _decode(layer_type, xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, s
     return out, InnerState(new_weights, new_grads, state.seen + count)
 
 
-def ttt_linear(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state: InnerState, num_tokens=None,
-               checkpoint_group: int = 0):
+def ttt_linear(xq, xk, xv, inner_lr, params: InnerLoopParams, state: InnerState, num_tokens=None):
     """Triton TTT-Linear; arguments and results as in `modeling_ttt.ops.torch_chunk.ttt_linear`."""
-    check_inputs(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens, 2)
-    return _chunk("linear", xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens,
-                  checkpoint_group)
+    check_inputs(xq, xk, xv, inner_lr, params, state, num_tokens, 2)
+    return _chunk("linear", xq, xk, xv, inner_lr, params, state, num_tokens)
 
 
-def ttt_mlp(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state: InnerState, num_tokens=None,
-            checkpoint_group: int = 0):
+def ttt_mlp(xq, xk, xv, inner_lr, params: InnerLoopParams, state: InnerState, num_tokens=None):
     """Triton TTT-MLP; arguments and results as in `modeling_ttt.ops.torch_chunk.ttt_mlp`."""
-    check_inputs(xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens, 4)
-    return _chunk("mlp", xq, xk, xv, inner_lr, token_scale, ln_weight, ln_bias, state, num_tokens,
-                  checkpoint_group)
+    check_inputs(xq, xk, xv, inner_lr, params, state, num_tokens, 4)
+    return _chunk("mlp", xq, xk, xv, inner_lr, params, state, num_tokens)
