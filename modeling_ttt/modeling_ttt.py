@@ -107,6 +107,17 @@ class TTTPreTrainedModel(PreTrainedModel):
         # A DynamicCache would be reordered by beam search instead of our state: we build TTTCache ourselves.
         return False
 
+    def push_to_hub(self, repo_id: str, **kwargs):
+        r"""
+        [`PushToHubMixin.push_to_hub`] with the TTT model card: the saved folder (weights, config, generation config,
+        `tokenizer=` if given) and a README.md rendered by [`modeling_ttt.model_card.make_model_card`] go up in one
+        commit. Card arguments (`training=`, `results=`, `plot=`, `base_model=`, `license=`, ...) or a ready
+        `model_card=` may be passed along; see [`modeling_ttt.model_card.push_model_to_hub`].
+        """
+        from .model_card import push_model_to_hub
+
+        return push_model_to_hub(self, repo_id, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module):
         """Initialisation of the official JAX code: normal(initializer_range) for projections, embeddings, inner
