@@ -82,14 +82,15 @@ def test_folder_loads_without_the_package(tmp_path):
 
 def test_auto_map_and_files(tmp_path):
     folder = tmp_path / "saved"
-    tiny_model().save_pretrained(folder)
+    model = tiny_model()
+    model.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == hub.AUTO_MAP
     names = set(os.listdir(folder))
     assert set(hub.remote_code_files()) <= names
     assert {"configuration_ttt.py", "modeling_ttt.py", "ttt_ops.py"} <= names
     # the in-memory config is unchanged by the save
-    assert not hasattr(tiny_model().config, "auto_map")
+    assert not hasattr(model.config, "auto_map")
 
 
 def test_with_code_false_writes_no_code(tmp_path):
