@@ -259,6 +259,17 @@ class TTTConfig(PreTrainedConfig):
         config.check_ttt_fields()
         return result
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """[`PreTrainedConfig.save_pretrained`]; after `TTTConfig.register_for_auto_class()` the folder also gets
+        the modeling code and `auto_map` (`modeling_ttt.hub`: transformers' own copy of this package's files would
+        fail on its subpackages)."""
+        try:
+            from .hub import CONFIG_AUTO_MAP, save_pretrained_with_code
+        except ImportError:  # this is the remote-code copy (no hub module): transformers' own save copies it
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        return save_pretrained_with_code(self, super().save_pretrained, save_directory, *args,
+                                         with_code=self._auto_class is not None, auto_map=CONFIG_AUTO_MAP, **kwargs)
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads

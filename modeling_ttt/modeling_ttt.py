@@ -57,6 +57,19 @@ class TTTPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["TTTBlock"]
     _is_stateful = True  # generate() then refuses assisted / prompt-lookup decoding
 
+    def save_pretrained(self, save_directory, *args, with_code: bool = True, **kwargs):
+        """[`PreTrainedModel.save_pretrained`], and by default the modeling code with it: flat copies of this
+        package's modules (the PyTorch ops, no kernels) and an `auto_map` in config.json, so that
+        `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` works where `modeling_ttt` is not
+        installed (`modeling_ttt.hub`). `with_code=False`: weights and config only. A failed save leaves no
+        partial folder."""
+        try:
+            from .hub import save_pretrained_with_code
+        except ImportError:  # this is the remote-code copy (no hub module): transformers' own save copies it
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        return save_pretrained_with_code(self, super().save_pretrained, save_directory, *args, with_code=with_code,
+                                         **kwargs)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, allow_missing_ttt_weights: bool = False,
                         allow_unexpected_ttt_weights: bool = False, **kwargs):

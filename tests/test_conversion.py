@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file as load_safetensors
 
+from modeling_ttt import hub
 from modeling_ttt.conversion.jax import convert_hf_to_jax, convert_jax_checkpoint, main, main_to_jax
 from modeling_ttt.conversion.jax_config import (
     ConfigConversionError,
@@ -423,7 +424,9 @@ def test_output_folder_is_protected(tmp_path: Path, capsys: pytest.CaptureFixtur
 
     code, _ = _convert_cli(checkpoint, config, output, capsys, "--overwrite")
     assert code == 0
-    assert sorted(p.name for p in output.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    # (with the modeling code that `save_pretrained` writes by default: `modeling_ttt.hub`)
+    assert sorted(p.name for p in output.iterdir()) == sorted(
+        ["config.json", "generation_config.json", "model.safetensors", *hub.remote_code_files()])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
     empty = tmp_path / "empty"

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import modeling_ttt.conversion.jax
+from modeling_ttt import hub
 from modeling_ttt.conversion.jax import ConversionError, convert_hf_to_jax, convert_jax_checkpoint, main, main_to_jax
 from modeling_ttt.conversion.msgpack_checkpoint import (
     CheckpointFormatError,
@@ -480,7 +481,8 @@ def _names(folder: Path) -> list[str]:
     return [line.split(" ")[0] for line in _tree(folder)]
 
 
-MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors"]
+# (with the modeling code that `save_pretrained` writes by default: `modeling_ttt.hub`)
+MODEL_FILES = sorted(["config.json", "generation_config.json", "model.safetensors", *hub.remote_code_files()])
 
 
 def test_killed_conversion_leaves_a_temporary_that_only_the_next_run_removes(tmp_path: Path) -> None:

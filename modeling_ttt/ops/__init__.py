@@ -17,8 +17,12 @@ from transformers.utils import logging
 
 from .state import InnerLoopParams, InnerState
 from .torch_chunk import ttt_linear, ttt_mlp
-from . import cpu  # (builds nothing at import)
-from .cpu import plan as cpu_plan
+try:  # the kernels: left out of the remote-code copy saved with a model (`modeling_ttt.hub`), which runs the
+    # PyTorch ops only (then `cpu` is None, and "auto" resolves to "torch")
+    from . import cpu  # (builds nothing at import)
+    from .cpu import plan as cpu_plan
+except ImportError:
+    cpu = cpu_plan = None
 
 #: Environment variable that overrides `config.ttt_impl` (for benchmarking): "torch", "triton", "cpp" or "auto".
 TTT_IMPL_ENV = "TTT_IMPL"
@@ -29,7 +33,9 @@ logger = logging.get_logger(__name__)
 
 
 def triton_available() -> bool:
-    """Whether the `triton` package can be imported (without importing it)."""
+    """Whether the `triton` package can be imported (without importing it), and the kernels are here."""
+    if cpu is None:  # the remote-code copy, without the kernel subpackages
+        return False
     try:
         return importlib.util.find_spec("triton") is not None
     except (ImportError, ValueError):  # e.g. a `triton` entry of None in sys.modules (import blocked)
@@ -56,6 +62,10 @@ def resolve_ttt_impl(impl: str, device: torch.device | str) -> str:
         source = f"environment variable {TTT_IMPL_ENV}" if os.environ.get(TTT_IMPL_ENV) else "ttt_impl"
         raise ValueError(f"{source} must be one of {TTT_IMPLEMENTATIONS}, got {requested!r}.")
     device = torch.device(device)
+    if cpu is None and requested in ("cpp", "triton"):
+        raise RuntimeError(f"ttt_impl={requested!r}: this copy of the TTT modeling code (saved with the model, loaded "
+                           "with trust_remote_code) has the PyTorch ops only; pip install modeling-ttt for the "
+                           "kernels, or use ttt_impl='torch' / 'auto'.")
     if requested == "auto":
         if device.type == "cuda" and triton_available():
             return "triton"
@@ -81,6 +91,8 @@ def resolve_ttt_impl(impl: str, device: torch.device | str) -> str:
 
 def _cpp_kernel_ready(warn: bool) -> bool:
     """The C++ kernels are built or may still build (known without building)."""
+    if cpu is None:  # the remote-code copy, without the kernels: nothing to warn about
+        return False
     error = cpu.known_build_error()
     if error is not None and warn:
         _warn_cpp_unavailable(error)
