@@ -10,7 +10,8 @@ are rewritten to name those files (`FLAT_NAMES`). The file names and the rewriti
 package's own files (`remote_code_files`), never kept by hand, so the copy cannot drift from the package.
 
 What the copy leaves out (`LEFT_OUT`): the C++ CPU kernels (`ops/cpu/`, which also need their `.cpp` file, which
-transformers would not copy) and the Triton kernels (`ops/triton/`), and this module. A relative import of one of
+transformers would not copy) and the Triton kernels (`ops/triton/`), this module and `model_card.py` (its template
+is package data; `push_to_hub` of a model loaded from the copy says to install the package). A relative import of one of
 them becomes `raise ImportError(...)` in the copy; the package imports them where an `ImportError` is handled
 (`ops/__init__.py`), so the copy always runs the PyTorch ops: `ttt_impl="auto"` resolves to `"torch"` there, and
 an explicit `"cpp"` / `"triton"` raises a `RuntimeError` that says to install `modeling-ttt`. The numbers are
@@ -30,7 +31,7 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 #: The modules `auto_map` names; their file names are kept, the other modules get a `ttt_` prefix.
 ENTRY_MODULES = {f"{PACKAGE}.configuration_ttt": "configuration_ttt", f"{PACKAGE}.modeling_ttt": "modeling_ttt"}
 #: Modules (and subpackages) not copied: the optional kernels, and the code that writes the copy.
-LEFT_OUT = (f"{PACKAGE}.ops.cpu", f"{PACKAGE}.ops.triton", f"{PACKAGE}.hub")
+LEFT_OUT = (f"{PACKAGE}.ops.cpu", f"{PACKAGE}.ops.triton", f"{PACKAGE}.hub", f"{PACKAGE}.model_card")
 #: `auto_map` of a model's config.json.
 AUTO_MAP = {
     "AutoConfig": "configuration_ttt.TTTConfig",
