@@ -3,7 +3,8 @@
 Two console scripts live here:
 
 * `ttt-convert-jax` (`main`): a `streaming_params` or `streaming_train_state` file plus its upstream model
-  config → a Hugging Face model folder (config.json, model.safetensors, generation_config.json).
+  config (or `--official NAME`, one of the nine published checkpoints) → a Hugging Face model folder (config.json,
+  model.safetensors, generation_config.json, a model card README.md; `--reference` adds a logits parity report).
 * `ttt-convert-to-jax` (`main_to_jax`): a Hugging Face model folder → a `streaming_params` file that upstream's
   `StreamingCheckpointer` loads (`--load_part=params`-style), optionally with a matching upstream config.json.
 
@@ -32,7 +33,17 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 
-from .jax_config import ConfigConversionError, hf_config_to_jax_config, jax_config_to_hf_kwargs, load_jax_config
+from .jax_config import (
+    OFFICIAL_MODELS,
+    OFFICIAL_TOKENIZER,
+    ConfigConversionError,
+    hf_config_to_jax_config,
+    jax_config_to_hf_kwargs,
+    load_jax_config,
+    official_hub_id,
+    official_jax_config,
+    official_model,
+)
 from .jax_params import ParameterMappingError, hf_to_jax, jax_parameter_shapes, jax_to_hf, parameter_specs
 from .msgpack_checkpoint import (
     FLOAT_DTYPES,
@@ -172,6 +183,12 @@ def _transformers_progress_bars(enabled: bool) -> Iterator[None]:
             hf_logging.disable_progress_bar()
 
 
+def write_model_card(config: Any, folder: Path, **kwargs: Any) -> None:
+    from modeling_ttt.model_card import write_model_card as write_card
+
+    write_card(config, folder, **kwargs)
+
+
 def _build_empty_model(config: Any, dtype: torch.dtype) -> torch.nn.Module:
     # Importing modeling_ttt registers model_type "ttt" with the Auto classes.
     import modeling_ttt  # noqa: F401
@@ -182,13 +199,68 @@ def _build_empty_model(config: Any, dtype: torch.dtype) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
+REFERENCE_FILES = ("input_ids.npy", "logits.npy")
+
+
+def _read_reference(reference: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+    """`input_ids.npy` ([batch, length] integers) and `logits.npy` ([batch, length, vocab]) of a reference folder."""
+    folder = Path(reference)
+    if not folder.is_dir():
+        raise ConversionError(f"--reference {folder}: not a folder (it must hold {' and '.join(REFERENCE_FILES)})")
+    arrays = []
+    for name in REFERENCE_FILES:
+        try:
+            arrays.append(np.load(folder / name, allow_pickle=False))
+        except (OSError, ValueError) as exc:
+            raise ConversionError(f"--reference {folder}: cannot read {name}: {exc}") from exc
+    input_ids, logits = arrays
+    if input_ids.ndim == 1:
+        input_ids, logits = input_ids[None], logits[None]
+    if input_ids.ndim != 2 or input_ids.size == 0 or not np.issubdtype(input_ids.dtype, np.integer):
+        raise ConversionError(
+            f"--reference {folder}: input_ids.npy must be a non-empty [batch, length] integer array, "
+            f"got shape {input_ids.shape} of {input_ids.dtype}"
+        )
+    if logits.ndim != 3 or logits.shape[:2] != input_ids.shape or not np.issubdtype(logits.dtype, np.floating):
+        raise ConversionError(
+            f"--reference {folder}: logits.npy must be a float [batch, length, vocab] array matching input_ids "
+            f"{input_ids.shape}, got shape {logits.shape} of {logits.dtype}"
+        )
+    return input_ids, logits
+
+
+def _check_reference_fits(reference: tuple[np.ndarray, np.ndarray], vocab_size: int, where: str) -> None:
+    input_ids, logits = reference
+    if logits.shape[2] != vocab_size:
+        raise ConversionError(f"--reference {where}: logits.npy has {logits.shape[2]} logits per token, the model {vocab_size}")
+    if input_ids.min() < 0 or input_ids.max() >= vocab_size:
+        raise ConversionError(f"--reference {where}: input_ids.npy holds ids outside [0, {vocab_size})")
+
+
+def logits_parity(model: torch.nn.Module, input_ids: np.ndarray, reference_logits: np.ndarray) -> dict[str, Any]:
+    """Max |Δ logits| and greedy-token (argmax) agreement of `model` against reference logits on `input_ids`."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(input_ids.astype(np.int64)), use_cache=False).logits.float().numpy()
+    reference = reference_logits.astype(np.float32)
+    agree = logits.argmax(-1) == reference.argmax(-1)
+    return {
+        "max_abs_logit_diff": float(np.abs(logits - reference).max()),
+        "argmax_agreement": float(agree.mean()),
+        "num_tokens": int(agree.size),
+    }
+
+
 def convert_jax_checkpoint(
     checkpoint: str | os.PathLike[str],
-    jax_config: str | os.PathLike[str],
+    jax_config: str | os.PathLike[str] | None,
     output_dir: str | os.PathLike[str],
     dtype: str = "float32",
     config_update: str | Mapping[str, Any] | None = None,
     *,
+    official: str | None = None,
+    reference: str | os.PathLike[str] | None = None,
+    report: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = False,
     allow_non_finite: bool = False,
@@ -199,15 +271,23 @@ def convert_jax_checkpoint(
     Args:
         checkpoint: a `streaming_params` or `streaming_train_state` file (any stored float dtype).
         jax_config: the upstream model config: a JSON file of `ModelConfig.to_dict()` or a preset name
-            (`125m-TTT`, `350m-TTT`, `760m-TTT`, `1b-TTT`).
+            (`125m-TTT`, `350m-TTT`, `760m-TTT`, `1b-TTT`); None with `official`.
         output_dir: the folder to create.
         dtype: dtype of the saved weights: "float32", "bfloat16" or "float16". Converting a bf16 checkpoint to
             float32 is exact.
         config_update: fields overriding the config, as upstream's `--update_model_config` takes them.
+        official: the name of an official checkpoint (`OFFICIAL_MODELS`, e.g. "ttt-linear-125m-books-2k"): its config
+            is known, so `jax_config` must be None. The card then names `Test-Time-Training/<name>` as base model.
+        reference: a folder with `input_ids.npy` and `logits.npy` (upstream's logits on those ids): the saved model
+            is run on the ids (in float32) and its max |Δ logits| and greedy-token agreement go into the card.
+        report: if given, filled with the parity numbers (`max_abs_logit_diff`, `argmax_agreement`, `num_tokens`).
         overwrite: replace a non-empty `output_dir` (only once the new folder is complete), or a symlink there.
         progress: show progress bars.
         allow_non_finite: convert tensors holding NaN or inf instead of refusing them.
         allow_non_float: cast integer and bool tensors to `dtype` instead of refusing them.
+
+    The folder holds config.json, generation_config.json, model.safetensors, the remote-code files and a model card
+    README.md, all written together or not at all.
 
     Returns:
         `output_dir`.
@@ -222,11 +302,27 @@ def convert_jax_checkpoint(
     output_dir = Path(output_dir)
     check_output(output_dir, is_dir=True, overwrite=overwrite)
 
-    kwargs = jax_config_to_hf_kwargs(load_jax_config(jax_config, config_update))
+    if official is not None and jax_config is not None:
+        raise ConversionError(
+            f"--official {official} already fixes the model config; do not also give --jax-config {os.fspath(jax_config)}"
+        )
+    if official is not None:
+        jax_dict = official_jax_config(official, config_update)
+    elif jax_config is not None:
+        jax_dict = load_jax_config(jax_config, config_update)
+    else:
+        raise ConversionError(
+            f"give --jax-config (a config JSON or preset) or --official NAME (one of {', '.join(OFFICIAL_MODELS)})"
+        )
+    kwargs = jax_config_to_hf_kwargs(jax_dict)
     try:
         config = TTTConfig(**kwargs)
     except _CONFIG_ERRORS as exc:
         raise ConversionError(f"JAX config gives an invalid TTTConfig: {_config_error_message(exc)}") from exc
+    reference_arrays = None
+    if reference is not None:
+        reference_arrays = _read_reference(reference)
+        _check_reference_fits(reference_arrays, config.vocab_size, os.fspath(reference))
 
     torch_dtype = TORCH_DTYPES[dtype]
     model = _build_empty_model(config, torch_dtype)
@@ -265,6 +361,20 @@ def convert_jax_checkpoint(
     if still_empty:
         raise ConversionError(f"model weights left unset after loading: {', '.join(still_empty)}")
 
+    num_parameters = model.num_parameters()
+    card_kwargs: dict[str, Any] = {"num_parameters": num_parameters}
+    if official is not None:
+        row = official_model(official)
+        card_kwargs["base_model"] = official_hub_id(official)
+        card_kwargs["model_name"] = official
+        card_kwargs["repo_id"] = official_hub_id(official)
+        card_kwargs["training"] = {
+            "datasets": [row.dataset],
+            "notes": f"Converted from the official JAX checkpoint {official_hub_id(official)} "
+            f"(test-time-training/ttt-lm-jax) with `ttt-convert-jax --official {official}`. "
+            f"Tokenizer: {OFFICIAL_TOKENIZER} (vocabulary {config.vocab_size}).",
+        }
+
     def save(folder: Path) -> None:
         try:
             with _transformers_progress_bars(progress):
@@ -272,6 +382,22 @@ def convert_jax_checkpoint(
         except SafetensorError as exc:
             # safetensors reports its I/O failures (a full disk) as its own type; they are OSErrors to write_outputs.
             raise OSError(str(exc)) from exc
+        parity = None
+        if reference_arrays is not None:
+            # Measured on what was saved, as a user loads it (float32 compute).
+            from transformers import AutoModelForCausalLM
+
+            with _transformers_progress_bars(progress):
+                saved = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            parity = logits_parity(saved, *reference_arrays)
+            del saved
+            parity["reference"] = (
+                f"upstream JAX logits from `{Path(reference).name}/logits.npy`; this model's {dtype} weights run in float32"
+            )
+            if report is not None:
+                report.update(parity)
+        # The card is part of the same all-or-nothing output as the weights.
+        write_model_card(config, folder, parity=parity, **card_kwargs)
 
     write_outputs([Output(output_dir, save, is_dir=True)], overwrite=overwrite)
     return output_dir
@@ -455,11 +581,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Convert a checkpoint of test-time-training/ttt-lm-jax (streaming_params or "
         "streaming_train_state) into a Hugging Face TTTForCausalLM folder.",
     )
-    parser.add_argument("--checkpoint", required=True, help="streaming_params or streaming_train_state file")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="streaming_params or streaming_train_state file (of an official download: its streaming_train_state)",
+    )
     parser.add_argument(
         "--jax-config",
-        required=True,
         help="upstream ModelConfig JSON file (json::PATH also accepted) or preset: 125m-TTT, 350m-TTT, 760m-TTT, 1b-TTT",
+    )
+    parser.add_argument(
+        "--official",
+        metavar="NAME",
+        help=f"an official checkpoint, whose config is known (instead of --jax-config): {', '.join(OFFICIAL_MODELS)}",
+    )
+    parser.add_argument(
+        "--reference",
+        metavar="DIR",
+        help="folder with input_ids.npy and logits.npy: report max |delta logits| and greedy-token agreement "
+        "(printed and written into the model card)",
     )
     parser.add_argument(
         "--config-update",
@@ -476,17 +616,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def action() -> None:
+        report: dict[str, Any] = {}
         out = convert_jax_checkpoint(
             args.checkpoint,
             args.jax_config,
             args.output,
             dtype=args.dtype,
             config_update=args.config_update,
+            official=args.official,
+            reference=args.reference,
+            report=report,
             overwrite=args.overwrite,
             progress=not args.quiet,
             allow_non_finite=args.allow_non_finite,
             allow_non_float=args.allow_non_float,
         )
+        if report:
+            print(
+                f"parity against {args.reference}: max |delta logits| = {report['max_abs_logit_diff']:.3e}, "
+                f"greedy-token agreement = {100.0 * report['argmax_agreement']:.2f}% of {report['num_tokens']} tokens"
+            )
         print(f"wrote {out}")
 
     return _run(action)

@@ -14,6 +14,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -335,3 +336,116 @@ def hf_config_to_jax_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
         }
     )
     return config
+
+
+# ------------------------------------------------------------------------------------------------ official checkpoints
+
+# The Hub organisation that publishes upstream's trained checkpoints (`Test-Time-Training/<name>`).
+OFFICIAL_HUB_ORGANIZATION = "Test-Time-Training"
+# Upstream's tokenizer (train.py `tokenizer_name="meta-llama/Llama-2-7b-hf"`); train.py sets
+# `model_config.vocab_size = data_module.vocab_size`, i.e. Llama-2's 32000.
+OFFICIAL_TOKENIZER = "meta-llama/Llama-2-7b-hf"
+OFFICIAL_VOCAB_SIZE = 32000
+
+# The TTT-Linear runs' `--update_model_config` (scripts/ttt_linear/{125m,350m,760m,1.3b}.sh, line 24).
+_LINEAR_UPDATE: dict[str, Any] = {"seq_modeling_block": "ttt_linear", "ttt_base_lr": 1.0}
+
+
+def _mlp_update(warmup: int) -> dict[str, Any]:
+    # The TTT-MLP runs' `--update_model_config` (scripts/ttt_mlp/*.sh, line 24): the inner learning rate ramps from
+    # 0.01 to 0.1 over the first `warmup` steps (= the script's lr_warmup_steps); inference runs at the peak, 0.1.
+    return {"seq_modeling_block": "ttt_mlp", "ttt_base_lr": 0.1, "ttt_base_lr_init": 0.01, "ttt_base_lr_warmup": warmup}
+
+
+@dataclass(frozen=True)
+class OfficialModel:
+    """One row of `OFFICIAL_MODELS`: how upstream's train.py built that checkpoint's config."""
+
+    preset: str  # `--load_model_config`
+    update: Mapping[str, Any]  # `--update_model_config`
+    context_length: int  # `--seq_length`, which train.py writes into `max_sequence_length`
+    dataset: str  # `--dataset_name`
+
+
+def _official(preset: str, update: Mapping[str, Any], context_length: int, dataset: str) -> OfficialModel:
+    return OfficialModel(preset, dict(update), context_length, dataset)
+
+
+# The nine checkpoints of the paper published as `Test-Time-Training/<name>`: which upstream preset and
+# `--update_model_config` each was trained with, at which context length, on which data. All use the Mamba backbone
+# (the "*-TTT" presets: pre_conv=True, seq_modeling_block ttt_linear/ttt_mlp) and mini-batch size 16 (the presets'
+# `mini_batch_size`). train.py overwrites `max_sequence_length` with `--seq_length`, so the context length is the
+# model's `max_sequence_length`. Sources (test-time-training/ttt-lm-jax@a9b2904):
+#   preset      — `--load_model_config` of scripts/ttt_{linear,mlp}/<size>.sh, line 23 (the 1.3B scripts load "1b-TTT");
+#                 the sizes themselves are `CONFIGS` in ttt/models/model.py (reproduced in JAX_PRESETS above).
+#   update      — `--update_model_config` of the same script, line 24.
+#   2k          — `SEQ_LEN=2048` of the scripts (line 7). 8k / 32k (8192 / 32768) are the names' context lengths: the
+#                 scripts only ship the 2k setting, and their comment "Product should equal 0.5 million" fixes only
+#                 SEQ_LEN * BS. The long-context runs fine-tune at the longer length, which changes no weight shape.
+#   dataset     — the name; the scripts' `DATA_NAME="the_pile" # "books3"`.
+OFFICIAL_MODELS: dict[str, OfficialModel] = {
+    # scripts/ttt_linear/125m.sh (load 125m-TTT line 23, update line 24, SEQ_LEN=2048 line 7), data books3
+    "ttt-linear-125m-books-2k": _official("125m-TTT", _LINEAR_UPDATE, 2048, "books3"),
+    # scripts/ttt_linear/350m.sh
+    "ttt-linear-350m-books-2k": _official("350m-TTT", _LINEAR_UPDATE, 2048, "books3"),
+    # scripts/ttt_mlp/125m.sh (ttt_base_lr_warmup=480)
+    "ttt-mlp-125m-books-2k": _official("125m-TTT", _mlp_update(480), 2048, "books3"),
+    # scripts/ttt_mlp/350m.sh (ttt_base_lr_warmup=1350)
+    "ttt-mlp-350m-books-2k": _official("350m-TTT", _mlp_update(1350), 2048, "books3"),
+    # scripts/ttt_linear/760m.sh, at 8k on the Pile
+    "ttt-linear-760m-pile-8k": _official("760m-TTT", _LINEAR_UPDATE, 8192, "the_pile"),
+    # scripts/ttt_mlp/760m.sh (ttt_base_lr_warmup=2900), at 8k on the Pile
+    "ttt-mlp-760m-pile-8k": _official("760m-TTT", _mlp_update(2900), 8192, "the_pile"),
+    # scripts/ttt_linear/1.3b.sh (load 1b-TTT), at 8k on the Pile
+    "ttt-linear-1.3b-pile-8k": _official("1b-TTT", _LINEAR_UPDATE, 8192, "the_pile"),
+    # scripts/ttt_mlp/1.3b.sh (load 1b-TTT, ttt_base_lr_warmup=5000), at 8k on the Pile
+    "ttt-mlp-1.3b-pile-8k": _official("1b-TTT", _mlp_update(5000), 8192, "the_pile"),
+    # scripts/ttt_linear/1.3b.sh (load 1b-TTT), at 32k on Books3
+    "ttt-linear-1.3b-books-32k": _official("1b-TTT", _LINEAR_UPDATE, 32768, "books3"),
+}
+
+
+def official_model(name: str) -> OfficialModel:
+    """The `OFFICIAL_MODELS` row of `name`; a `ConfigConversionError` listing the nine names for any other."""
+    if name not in OFFICIAL_MODELS:
+        raise ConfigConversionError(
+            f"unknown official checkpoint {name!r}; the official ones are: {', '.join(OFFICIAL_MODELS)}"
+        )
+    return OFFICIAL_MODELS[name]
+
+
+def official_hub_id(name: str) -> str:
+    """`Test-Time-Training/<name>`, the Hub repository an official checkpoint is published in."""
+    official_model(name)
+    return f"{OFFICIAL_HUB_ORGANIZATION}/{name}"
+
+
+def official_jax_config(name: str, update: str | Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The upstream config an official checkpoint was trained with, built as train.py builds it.
+
+    That is the preset, then the script's `--update_model_config`, then train.py's own overrides
+    (`vocab_size` of the Llama-2 tokenizer, `max_sequence_length = seq_length`), then `update` if given.
+    """
+    row = official_model(name)
+    config = load_jax_config(row.preset, dict(row.update))
+    config.update(vocab_size=OFFICIAL_VOCAB_SIZE, max_sequence_length=row.context_length)
+    if update:
+        # Same checks as any other update (unknown fields are refused).
+        config = load_jax_config_from_dict(config, update)
+    return config
+
+
+def load_jax_config_from_dict(config: Mapping[str, Any], update: str | Mapping[str, Any]) -> dict[str, Any]:
+    """Apply an update to an already loaded config, with `load_jax_config`'s checks."""
+    changes = parse_config_update(update) if isinstance(update, str) else dict(update)
+    unknown = sorted(key for key in changes if key not in config and key not in _UPDATABLE_EXTRA_FIELDS)
+    if unknown:
+        raise ConfigConversionError(f"config update sets unknown JAX config field(s): {', '.join(unknown)}")
+    return {**config, **changes}
+
+
+def official_config(name: str):
+    """The `modeling_ttt.TTTConfig` of an official checkpoint (see `official_jax_config`)."""
+    from modeling_ttt import TTTConfig
+
+    return TTTConfig(**jax_config_to_hf_kwargs(official_jax_config(name)))

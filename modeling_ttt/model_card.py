@@ -178,6 +178,29 @@ def eval_results(results: list[dict[str, Any]]) -> list[EvalResult]:
 # The card
 # ----------------------------------------------------------------------------------------------------------------
 
+PARITY_KEYS = {
+    "max_abs_logit_diff": "largest |converted - reference| over all logits (required)",
+    "argmax_agreement": "fraction of positions where both pick the same greedy token, 0..1 (required)",
+    "num_tokens": "number of positions compared (an int)",
+    "reference": "what the reference logits come from (free text)",
+}
+
+
+def normalize_parity(parity: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if parity is None:
+        return None
+    _check_keys(parity, PARITY_KEYS, "parity")
+    for key in ("max_abs_logit_diff", "argmax_agreement"):
+        value = parity.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"parity[{key!r}] must be a number, got {value!r}.")
+    if not 0.0 <= parity["argmax_agreement"] <= 1.0:
+        raise ValueError(f"parity['argmax_agreement'] must be in [0, 1], got {parity['argmax_agreement']!r}.")
+    normalized = dict(parity)
+    normalized["max_abs_text"] = f"{float(parity['max_abs_logit_diff']):.3e}"
+    normalized["agreement_text"] = f"{100.0 * float(parity['argmax_agreement']):.2f}%"
+    return normalized
+
 
 def make_model_card(
     config: TTTConfig,
@@ -192,6 +215,7 @@ def make_model_card(
     model_name: str | None = None,
     language: str | list[str] | None = "en",
     tags: Sequence[str] | None = None,
+    parity: Mapping[str, Any] | None = None,
 ) -> ModelCard:
     """Render the TTT model card for `config`.
 
@@ -207,6 +231,8 @@ def make_model_card(
         model_name: title of the card and name of the `model-index` entry.
         language: metadata `language`.
         tags: extra tags, after "ttt", "test-time-training", "text-generation" and the layer/backbone tags.
+        parity: how well a converted model reproduces its source, keys in `PARITY_KEYS` (a "Conversion parity"
+            section; `ttt-convert-jax --reference` fills it).
     """
     if not isinstance(config, TTTConfig):
         raise TypeError(f"config must be a TTTConfig, got {type(config).__name__}.")
@@ -214,6 +240,7 @@ def make_model_card(
         raise ValueError(f"num_parameters must be a positive int, got {num_parameters!r}.")
     training = normalize_training(training)
     results = normalize_results(results)
+    parity = normalize_parity(parity)
     model_name = model_name or default_model_name(config, num_parameters)
     repo_id = repo_id or "<repo_id>"
 
@@ -260,6 +287,7 @@ def make_model_card(
         training_sequence_length=training.get("sequence_length"),
         training_notes=training.get("notes"),
         results=results,
+        parity=parity,
         plot=plot,
         paper_url=PAPER_URL,
     )

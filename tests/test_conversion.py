@@ -426,7 +426,7 @@ def test_output_folder_is_protected(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert code == 0
     # (with the modeling code that `save_pretrained` writes by default: `modeling_ttt.hub`)
     assert sorted(p.name for p in output.iterdir()) == sorted(
-        ["config.json", "generation_config.json", "model.safetensors", *hub.remote_code_files()])
+        ["README.md", "config.json", "generation_config.json", "model.safetensors", *hub.remote_code_files()])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
     empty = tmp_path / "empty"

@@ -482,7 +482,7 @@ def _names(folder: Path) -> list[str]:
 
 
 # (with the modeling code that `save_pretrained` writes by default: `modeling_ttt.hub`)
-MODEL_FILES = sorted(["config.json", "generation_config.json", "model.safetensors", *hub.remote_code_files()])
+MODEL_FILES = sorted(["README.md", "config.json", "generation_config.json", "model.safetensors", *hub.remote_code_files()])
 
 
 def test_killed_conversion_leaves_a_temporary_that_only_the_next_run_removes(tmp_path: Path) -> None:
