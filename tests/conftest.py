@@ -33,3 +33,20 @@ def tiny_model(layer_type="linear", backbone="mamba", seed=0, **overrides) -> TT
 @pytest.fixture(params=VARIANTS, ids=[f"{a}-{b}" for a, b in VARIANTS])
 def variant(request):
     return request.param
+
+
+#: Python source that makes `modeling_ttt` unimportable in the process that runs it (a meta-path finder refusing
+#: it): scripts run in fresh interpreters prepend it to prove that a saved folder's own code is what loads.
+BLOCK_MODELING_TTT = """import sys
+
+
+class BlockModelingTTT:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name == "modeling_ttt" or name.startswith("modeling_ttt."):
+            raise ImportError(f"{name} is blocked in this test")
+        return None
+
+
+sys.meta_path.insert(0, BlockModelingTTT)
+"""

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from modeling_ttt import TTTConfig, TTTForCausalLM, hub
 
-from conftest import VARIANTS, tiny_model
+from conftest import BLOCK_MODELING_TTT, VARIANTS, tiny_model
 
 IDS = [[5, 17, 3, 88, 41, 2, 9, 60, 33, 12, 71]]
 
@@ -22,14 +22,7 @@ IDS = [[5, 17, 3, 88, 41, 2, 9, 60, 33, 12, 71]]
 REMOTE_SCRIPT = textwrap.dedent("""
     import sys
 
-    class BlockModelingTTT:
-        @staticmethod
-        def find_spec(name, path=None, target=None):
-            if name == "modeling_ttt" or name.startswith("modeling_ttt."):
-                raise ImportError(f"{name} is blocked in this test")
-            return None
-
-    sys.meta_path.insert(0, BlockModelingTTT)
+    {block_modeling_ttt}
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -45,7 +38,7 @@ REMOTE_SCRIPT = textwrap.dedent("""
     results["auto"] = ops.resolve_ttt_impl("auto", "cpu")  # the copy has no kernels: "auto" is the PyTorch ops
     results["loaded"] = sorted(name for name in sys.modules if name.startswith("modeling_ttt"))
     torch.save(results, out)
-""")
+""").replace("{block_modeling_ttt}", BLOCK_MODELING_TTT)
 
 
 def _load_remotely(folders, tmp_path):
@@ -56,7 +49,7 @@ def _load_remotely(folders, tmp_path):
     result = subprocess.run([sys.executable, "-c", REMOTE_SCRIPT, *map(str, folders), repr(IDS), str(out)], env=env,
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    return torch.load(out)
+    return torch.load(out, weights_only=True)
 
 
 def _expected(model):

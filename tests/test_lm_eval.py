@@ -20,7 +20,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
-from conftest import tiny_model  # noqa: E402
+from conftest import BLOCK_MODELING_TTT, tiny_model  # noqa: E402
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "eval" / "tasks"
 TASKS = ["ttt_tiny_loglikelihood", "ttt_tiny_generate"]
@@ -31,14 +31,7 @@ MAX_GEN_TOKS = 8  # ttt_tiny_generate.yaml
 CLI_SCRIPT = textwrap.dedent("""
     import json, sys
 
-    class BlockModelingTTT:
-        @staticmethod
-        def find_spec(name, path=None, target=None):
-            if name == "modeling_ttt" or name.startswith("modeling_ttt."):
-                raise ImportError(f"{name} is blocked in this test")
-            return None
-
-    sys.meta_path.insert(0, BlockModelingTTT)
+    {block_modeling_ttt}
     probe, sys.argv = sys.argv[1], ["lm_eval", *sys.argv[2:]]
     from lm_eval.__main__ import cli_evaluate
     from transformers import PreTrainedModel
@@ -59,7 +52,7 @@ CLI_SCRIPT = textwrap.dedent("""
         loaded = sorted(name for name in sys.modules if name == "modeling_ttt" or name.startswith("modeling_ttt."))
         with open(probe, "w") as f:
             json.dump({"loaded": loaded, "classes": classes}, f)
-""")
+""").replace("{block_modeling_ttt}", BLOCK_MODELING_TTT)
 
 
 def _byte_level_tokenizer() -> PreTrainedTokenizerFast:
