@@ -77,8 +77,12 @@ class DocumentLayout:
         doc_of_token = torch.cumsum(flat_starts, 0) - 1  # [B·T], row-major: a row's documents follow the last row's
         doc_start = flat_starts.nonzero().squeeze(1)  # [N] flat index of each document's first token
         index_in_doc = torch.arange(batch * seq_len, device=device) - doc_start[doc_of_token]
-        counted = doc_of_token if real is None else doc_of_token[real.flatten()]
-        doc_lengths = torch.bincount(counted, minlength=doc_start.numel())
+        docs_per_row = starts.sum(dim=1)
+        last_document = torch.cumsum(docs_per_row, 0) - 1
+        # A document ends where the next one starts, a row's last one at the row's last real token.
+        row_ends = torch.arange(batch, device=device) * seq_len + (seq_len if num_tokens is None else num_tokens)
+        doc_end = torch.cat([doc_start[1:], doc_start.new_zeros(1)]).index_copy(0, last_document, row_ends)
+        doc_lengths = doc_end - doc_start
         max_length = max(int(doc_lengths.max()), 1)
         slots = torch.arange(max_length, device=device)
         unpack_index = (doc_start.unsqueeze(1) + slots).clamp(max=batch * seq_len - 1).flatten()
@@ -86,8 +90,6 @@ class DocumentLayout:
         if real is not None:
             index_in_doc = index_in_doc.masked_fill(~real.flatten(), 0)
         pack_index = doc_of_token * max_length + index_in_doc
-        docs_per_row = starts.sum(dim=1)
-        last_document = torch.cumsum(docs_per_row, 0) - 1
         return cls(index_in_doc.view(batch, seq_len), doc_lengths, max_length, unpack_index, unpack_valid,
                    pack_index, real, last_document, doc_lengths[last_document])
 

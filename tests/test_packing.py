@@ -102,6 +102,18 @@ def test_packed_row_is_exact_in_float64():
     assert_same_grads(grads, expected_grads, tol=1e-11)
 
 
+@pytest.mark.parametrize("lengths", [(5, 1, 7, 3), (1, 1, 1)], ids=["within-one-mini-batch", "single-tokens"])
+def test_documents_shorter_than_a_mini_batch(lengths):
+    """All documents inside one mini-batch (the ops' short-chunk path), down to documents of one token each."""
+    model = tiny_model("linear", "mamba", ttt_impl="torch")
+    docs = random_docs(lengths)
+    input_ids, position_ids, _ = packed(docs)
+    with torch.no_grad():
+        logits = model(input_ids, position_ids=position_ids).logits
+        expected = torch.cat([model(d).logits for d in docs], 1)
+    assert_same_logits(logits, expected)
+
+
 def test_two_rows_with_different_boundaries():
     """Row 1 has a document starting exactly on a mini-batch boundary (8), one of length 1, and ends with one
     shorter than the conv width."""
@@ -239,7 +251,7 @@ def test_padding_is_removed_before_the_documents():
                 mask.append(torch.ones(segment[1] - segment[0], dtype=torch.long))
         return torch.cat(ids), torch.cat(positions), torch.cat(mask)
 
-    rows = [padded([5, (0, 13), 2, (13, 50), (50, 64)]), padded([(0, 64), 7])]
+    rows = [padded([5, (0, 13), 2, (13, 50), (50, 64)]), padded([(0, 64), 7]), padded([71])]  # row 2: padding
     batch_ids, batch_positions, batch_mask = (torch.stack(parts) for parts in zip(*rows))
     with torch.no_grad():
         logits = model(batch_ids, attention_mask=batch_mask, position_ids=batch_positions).logits
@@ -247,6 +259,7 @@ def test_padding_is_removed_before_the_documents():
         ones = model(input_ids, attention_mask=torch.ones_like(input_ids), position_ids=position_ids).logits
     for row in range(2):
         assert_same_logits(logits[row][batch_mask[row].bool()], expected)
+    assert torch.isfinite(logits[2]).all()
     assert_same_logits(ones[0], expected)
 
 
@@ -264,11 +277,11 @@ def test_returned_cache_continues_each_rows_last_document(variant, last_length):
         output = model(input_ids, position_ids=position_ids, use_cache=True)
         cache = cache_of(output)
         assert cache.seen_tokens().tolist() == [rows[0][-1].shape[1], rows[1][-1].shape[1]]
-        steps = [model(new[:, i : i + 1], past_key_values=cache).logits for i in range(3)]
+        steps = [model(new[:, i : i + 1], cache=cache).logits for i in range(3)]
         for row, docs in enumerate(rows):
             alone = TTTCache(model.config)
-            model(docs[-1], past_key_values=alone)
-            expected = [model(new[row : row + 1, i : i + 1], past_key_values=alone).logits for i in range(3)]
+            model(docs[-1], cache=alone)
+            expected = [model(new[row : row + 1, i : i + 1], cache=alone).logits for i in range(3)]
             for step, ref in zip(steps, expected):
                 assert_same_logits(step[row : row + 1], ref)
 
@@ -292,12 +305,12 @@ def test_a_cache_with_state_cannot_take_packed_documents():
     model = tiny_model("linear", "transformer", ttt_impl="torch")
     input_ids, position_ids, _ = packed(random_docs(LENGTHS))
     cache = TTTCache(model.config)
-    model(input_ids[:, :5], past_key_values=cache)
+    model(input_ids[:, :5], cache=cache)
     with pytest.raises(ValueError, match="cannot continue a cache.*Pass no cache"):
-        model(input_ids, position_ids=position_ids, past_key_values=cache)
+        model(input_ids, position_ids=position_ids, cache=cache)
     # an empty cache is filled, as with use_cache=True and none passed
     empty = TTTCache(model.config)
-    model(input_ids, position_ids=position_ids, past_key_values=empty)
+    model(input_ids, position_ids=position_ids, cache=empty)
     assert empty.seen_tokens().tolist() == [LENGTHS[-1]]
 
 
