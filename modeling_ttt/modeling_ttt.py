@@ -391,6 +391,8 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         logits_to_keep (`int` or `torch.Tensor`, *optional*):
             Compute logits for the last `logits_to_keep` positions only (0: all), or for the given indices.
         cache, past_key_values: see [`TTTModel.forward`] (one argument under its new and its old name).
+        kwargs: `DataCollatorWithFlattening`'s `seq_idx`, `cu_seq_lens_q`/`cu_seq_lens_k`, `max_length_q`/`max_length_k`
+            go to the model (packed documents, see [`TTTModel.forward`]); the others to the loss function.
         """
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,

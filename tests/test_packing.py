@@ -151,7 +151,8 @@ def test_rows_without_restarts_take_the_plain_path(monkeypatch):
     with torch.no_grad():
         plain = model(ids).logits
         assert torch.equal(model(ids, position_ids=torch.arange(21).expand(2, 21)).logits, plain)
-        assert torch.equal(model(ids, position_ids=torch.arange(21), seq_idx=torch.zeros(2, 21, dtype=torch.int32)).logits, plain)
+        one_document = torch.zeros(2, 21, dtype=torch.int32)
+        assert torch.equal(model(ids, position_ids=torch.arange(21), seq_idx=one_document).logits, plain)
     assert document_layout(torch.arange(21), {}, None, None, 2, 21, torch.device("cpu")) is None
 
 
@@ -338,7 +339,8 @@ def test_bad_packed_position_ids_name_the_input_column_under_padding():
                                                        r"row 0, position 3 the token continues a document by "
                                                        r"position_ids but starts a document by seq_idx"),
     (dict(cu_seq_lens_q=torch.tensor([0, 2, 6])), "position_ids and cu_seq_lens_q describe different documents"),
-    (dict(cu_seq_lens_q=torch.tensor([0, 4, 5])), r"must start at 0, increase strictly and end at batch \* seq_len = 6"),
+    (dict(cu_seq_lens_q=torch.tensor([0, 4, 5])),
+     r"must start at 0, increase strictly and end at batch \* seq_len = 6"),
     (dict(cu_seq_lens_k=torch.tensor([[0, 4, 6]])), "cu_seq_lens_k must be a 1-D integer tensor"),
     (dict(cu_seq_lens_q=torch.tensor([0, 4, 6]), max_length_q=3), "max_length_q = 3 disagrees with cu_seq_lens_q"),
     (dict(max_length_k=4), "max_length_k was given without cu_seq_lens_k"),
