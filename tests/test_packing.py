@@ -258,6 +258,10 @@ def test_padding_is_removed_before_the_documents():
         logits = model(batch_ids, attention_mask=batch_mask, position_ids=batch_positions).logits
         expected = torch.cat([model(d).logits for d in docs], 1)[0]
         ones = model(input_ids, attention_mask=torch.ones_like(input_ids), position_ids=position_ids).logits
+        # the same documents from seq_idx (one id per document; padding's ids are ignored)
+        seq_idx = torch.cumsum(batch_positions == 0, dim=1).int()
+        by_seq_idx = model(batch_ids, attention_mask=batch_mask, seq_idx=seq_idx).logits
+    torch.testing.assert_close(by_seq_idx, logits, atol=0, rtol=0)
     for row in range(2):
         assert_same_logits(logits[row][batch_mask[row].bool()], expected)
     assert torch.isfinite(logits[2]).all()
