@@ -189,7 +189,8 @@ def document_layout(
             restarts &= real[:, 1:]
         if bool(restarts.any()):
             _check_packed_position_ids(positions, real, column_of)
-            sources["position_ids"] = torch.cat([torch.ones_like(restarts[:, :1]), restarts], dim=1)
+        # ids that never restart still say "one document per row", which the other sources must agree with
+        sources["position_ids"] = torch.cat([torch.ones_like(restarts[:, :1]), restarts], dim=1)
     seq_idx = packing_kwargs.get("seq_idx")
     if seq_idx is not None:
         sources["seq_idx"] = _starts_from_ids(compact(batch_rows(seq_idx, "seq_idx", batch, seq_len)))

@@ -343,6 +343,8 @@ def test_bad_packed_position_ids_name_the_input_column_under_padding():
                                                        r"row 0, position 3 the token continues a document by "
                                                        r"position_ids but starts a document by seq_idx"),
     (dict(cu_seq_lens_q=torch.tensor([0, 2, 6])), "position_ids and cu_seq_lens_q describe different documents"),
+    (dict(position_ids=torch.arange(6), seq_idx=torch.tensor([[0, 0, 0, 1, 1, 1]])),
+     "position_ids and seq_idx describe different documents: at row 0, position 3 the token continues"),
     (dict(cu_seq_lens_q=torch.tensor([0, 4, 5])),
      r"must start at 0, increase strictly and end at batch \* seq_len = 6"),
     (dict(cu_seq_lens_k=torch.tensor([[0, 4, 6]])), "cu_seq_lens_k must be a 1-D integer tensor"),
@@ -354,7 +356,7 @@ def test_collator_kwargs_that_disagree_or_are_malformed(kwargs, message):
     model = tiny_model("linear", "transformer", ttt_impl="torch")
     ids = torch.randint(3, 97, (1, 6))
     with pytest.raises(ValueError, match=message):
-        model(ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1]]), labels=ids, **kwargs)
+        model(**{"input_ids": ids, "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1]]), "labels": ids, **kwargs})
 
 
 def test_cu_seq_lens_documents_cannot_span_rows():
