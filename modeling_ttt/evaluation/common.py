@@ -97,10 +97,23 @@ def _one_line(error: BaseException) -> str:
 
 
 def load_model_and_tokenizer(path: str | os.PathLike[str], dtype: str | torch.dtype = "float32",
-                             device: str | torch.device | None = "cpu", trust_remote_code: bool = False):
+                             device: str | torch.device | None = "cpu", trust_remote_code: bool = False,
+                             show_progress: bool = True):
     """`(model, tokenizer)` from a folder written by `save_pretrained`: any `AutoModelForCausalLM` (TTT, Llama,
     Mamba2, ...) and the tokenizer saved beside it, in eval mode on `device`. An `EvaluationError` if the folder is
-    missing, is not a model folder, or has no tokenizer."""
+    missing, is not a model folder, or has no tokenizer. `show_progress=False` hides transformers' loading bar."""
+    from transformers.utils import logging as transformers_logging
+
+    if show_progress or not transformers_logging.is_progress_bar_enabled():
+        return _load_model_and_tokenizer(path, dtype, device, trust_remote_code)
+    transformers_logging.disable_progress_bar()
+    try:
+        return _load_model_and_tokenizer(path, dtype, device, trust_remote_code)
+    finally:
+        transformers_logging.enable_progress_bar()
+
+
+def _load_model_and_tokenizer(path, dtype, device, trust_remote_code):
     import modeling_ttt  # noqa: F401  (registers model_type "ttt" with the auto classes)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
