@@ -357,3 +357,22 @@ def test_the_console_script(folders, data_folder, tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(output.read_text())["num_documents"] == 2 and json.loads(done.stdout)["num_documents"] == 2
+
+
+@pytest.mark.skipif(os.environ.get("TTT_EVAL_MULTIPROCESS") != "1",
+                    reason="two processes (~30 s of start-up); set TTT_EVAL_MULTIPROCESS=1 to run")
+def test_two_processes_give_the_one_process_results(folders, data_folder, tmp_path):
+    """`accelerate launch` on the CPU (gloo): the documents are shared out and the results equal one process's."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    assert run_cli(["perplexity", "--model", folders["ttt"], "--data", data_folder, "--output", one,
+                    "--no-progress"]) == 0
+    done = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "modeling_ttt.evaluation",
+                           "perplexity", "--model", str(folders["ttt"]), "--data", str(data_folder), "--output",
+                           str(two), "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    one, two = json.loads(one.read_text()), json.loads(two.read_text())
+    assert two["settings"]["num_processes"] == 2
+    assert two["documents"] == one["documents"] and two["corpus"] == one["corpus"]

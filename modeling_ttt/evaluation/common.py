@@ -312,7 +312,12 @@ def process_state(cpu: bool = False):
     """accelerate's `PartialState` for this process: one process when run plainly, several under
     `accelerate launch`."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
+    # PartialState itself does not read ACCELERATE_USE_CPU (only AcceleratorState does), and without cpu=True
+    # several processes on a machine with no GPU would each run alone: ask for the CPU backend (gloo) then
+    several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = cpu or parse_flag_from_env("ACCELERATE_USE_CPU") or (several_processes and not torch.cuda.is_available())
     return PartialState(cpu=cpu)
 
 
@@ -323,7 +328,9 @@ def resolve_device(requested: str | None, state=None) -> torch.device:
             return torch.device(requested)
         except (RuntimeError, TypeError) as error:
             raise EvaluationError(f"bad --device {requested!r}: {_one_line(error)}") from error
-    return (state or process_state()).device
+    device = (state or process_state()).device
+    # accelerate names the CPU of a multi-process CPU run "cpu:0"; it is the one CPU device either way
+    return torch.device("cpu") if device.type == "cpu" else device
 
 
 def shard(items: Sequence, state=None) -> list:
