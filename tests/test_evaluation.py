@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modeling_ttt.data import Document, split_documents, stdlib_files, train_bpe_tokenizer
+from modeling_ttt.data import iter_documents, split_documents, stdlib_files, train_bpe_tokenizer
 from modeling_ttt.evaluation import cli, metric_path
 from modeling_ttt.evaluation import common, passkey
 from modeling_ttt.evaluation.passkey import score_passkey_answer
@@ -191,7 +191,8 @@ def test_perplexity_for_every_kind_of_model(folders, tokenizer, data_folder, tmp
             model, _ = common.load_model_and_tokenizer(folders["ttt"])
             total, count = 0.0, 0
             for document in sorted(data_folder.iterdir()):
-                nll = one_pass_nll(model, torch.tensor(common.encode(tokenizer, document.read_text()))).double()
+                ids = common.encode(tokenizer, document.read_text(), add_eos=True)  # as ttt-train: text, EOS
+                nll = one_pass_nll(model, torch.tensor(ids)).double()
                 total, count = total + nll.sum().item(), count + len(nll)
             assert corpus["num_tokens"] == count
             assert math.isclose(corpus["perplexity"], math.exp(total / count), rel_tol=1e-5)
@@ -203,25 +204,34 @@ def test_the_default_corpus_and_the_recorded_validation_split(folders, tmp_path,
     summary = json.loads(out)
     assert status == 0 and summary["num_documents"] == 2 and summary["num_tokens"] == 2 * 63
 
-    # a training_args.json with a validation fraction selects the documents ttt-train held out
-    (tmp_path / "data").mkdir()
-    documents = [Document(str(tmp_path / "data" / f"doc{i}.txt"), f"text of document {i} " * 5) for i in range(40)]
-    for document in documents:
-        Path(document.name).write_text(document.text)
-    folder = tmp_path / "trained"
-    folder.mkdir()
-    (folder / "training_args.json").write_text(json.dumps({"validation_fraction": 0.3, "seed": 5}))
-    args = Namespace(data=[str(tmp_path / "data")], text_field="text", split="train", streaming=False, split_fraction=None,
-                     seed=None, max_documents=None, min_tokens=2, max_tokens_per_document=None, no_bos=False)
-    selection = common.DocumentSelection.from_args(args, folder)
-    assert (selection.validation_fraction, selection.seed) == (0.3, 5)
+    # a run folder of ttt-train (its newest checkpoint's trainer_state.json) selects the documents it held out
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(40):
+        (data / f"doc{i}.txt").write_text(f"text of document {i} " * 5)
+    run = tmp_path / "run"
+    for step, seed in ((5, 1), (20, 5)):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        (run / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps(
+            {"step": step, "run": {"validation_fraction": 0.3, "seed": seed, "seq_len": 128, "data": [str(data)]}}))
+    assert common.read_training_args(run)["seed"] == 5 and common.read_training_args(run / "checkpoint-5")["seed"] == 1
+    args = Namespace(data=[str(data)], text_field="text", split="train", streaming=False, split_fraction=None,
+                     seed=None, max_documents=None, min_tokens=2, max_tokens_per_document=None, bos=False,
+                     no_eos=False)
+    selection = common.DocumentSelection.from_args(args, run)
+    assert (selection.validation_fraction, selection.seed) == (0.3, 5) and "training run" in selection.split_from
     model_tokenizer = common.load_model_and_tokenizer(folders["ttt"])[1]
-    chosen = {d.name for d in common.tokenized_documents(selection, model_tokenizer)}
-    _, validation = split_documents(documents, 0.3, seed=5)
-    assert chosen == {d.name for d in validation} and 0 < len(chosen) < 40
-    # --split-fraction 0: every document, whatever the folder says
+    chosen = [d.name for d in common.tokenized_documents(selection, model_tokenizer)]
+    _, validation = split_documents(iter_documents([str(data)]), 0.3, seed=5)
+    assert chosen == [d.name for d in validation] and 0 < len(chosen) < 40
+    # other documents than the run trained on, or --split-fraction 0: every document
+    other = Namespace(**{**vars(args), "data": [str(data / "doc1.txt"), str(data / "doc2.txt")]})
+    assert common.DocumentSelection.from_args(other, run).validation_fraction == 0
     args.split_fraction = 0.0
-    assert len(common.tokenized_documents(common.DocumentSelection.from_args(args, folder), model_tokenizer)) == 40
+    assert len(common.tokenized_documents(common.DocumentSelection.from_args(args, run), model_tokenizer)) == 40
+    # documents are tokenized as ttt-train does: the text, then the end-of-document token
+    document = common.tokenized_documents(common.DocumentSelection.from_args(args, run), model_tokenizer)[0]
+    assert document.input_ids[-1] == model_tokenizer.eos_token_id != document.input_ids[0]
 
 
 def test_position_loss_for_several_models(folders, data_folder, tmp_path):
@@ -270,7 +280,8 @@ def test_passkey_answers_are_scored_by_their_first_integer():
 def test_passkey_prompt(tokenizer):
     ids = passkey.passkey_prompt(tokenizer, 12345, 600, 0.5)
     text = tokenizer.decode(ids, skip_special_tokens=True)
-    assert len(ids) <= 600 and ids[0] == tokenizer.bos_token_id
+    assert len(ids) <= 600 and len(ids) > 600 - 80  # short of the length by less than one filler passage
+    assert passkey.passkey_prompt(tokenizer, 12345, 600, 0.5, add_bos=True)[0] == tokenizer.bos_token_id
     assert text.startswith(passkey.INTRO) and text.endswith(passkey.QUESTION)
     assert "The pass key is 12345. Remember it. 12345 is the pass key." in text
     before, after = text.split("The pass key is 12345.")

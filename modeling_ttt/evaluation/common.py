@@ -9,11 +9,15 @@ Which documents are scored (`select_documents`):
 1. `--data SOURCE ...` (files, folders, JSONL, a saved `datasets` folder or a dataset name) or, without it, the
    CPython standard library's `.py` sources (`modeling_ttt.data.iter_documents`).
 2. The validation side of the document split (`modeling_ttt.data.is_validation_document`): with
-   `--split-fraction F --seed S` as given; otherwise, when the model folder holds a `training_args.json` that
-   records a validation fraction (`validation_fraction`) and seed (`seed`), those, so a model trained by
-   `ttt-train` is scored on documents it never trained on; otherwise (or with `--split-fraction 0`) every document.
-3. Tokenized with the model's tokenizer (its BOS token first, unless `--no-bos`), only those at least
-   `--min-tokens` long, each cut to `--max-tokens-per-document`, the first `--max-documents` of them.
+   `--split-fraction F --seed S` as given; otherwise, when the model folder records how `ttt-train` trained it
+   (`read_training_args`: its `validation_fraction`, `seed` and `data`) and the documents are the ones it trained
+   on (the same `--data`, or both the default corpus), that run's validation documents, so the model is scored on
+   documents it never trained on; otherwise (or with `--split-fraction 0`) every document.
+3. Tokenized as `ttt-train` tokenizes them: the tokenizer's own special tokens (none for the package's BPE
+   tokenizer, BOS for most pretrained ones; `--bos` adds it where the tokenizer does not) and the end-of-document
+   token after the text (`--no-eos`: not), so the model's first token and the document end are scored as in
+   training. Only documents at least `--min-tokens` long, each cut to `--max-tokens-per-document`, the first
+   `--max-documents` of them.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import io
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +38,11 @@ import torch
 
 from ..data import DEFAULT_CORPUS, DataError, is_validation_document, iter_documents
 
-#: What the model folder may hold about how the model was trained (written by `ttt-train`).
+#: What a model folder may hold about how the model was trained: `ttt-train` writes `trainer_state.json` (its
+#: "run" settings) in each `checkpoint-<step>/` folder; a flat `training_args.json` is read too.
+TRAINER_STATE_FILE = "trainer_state.json"
 TRAINING_ARGS_FILE = "training_args.json"
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
 #: Keys of `training_args.json` read as the training context length, first found wins.
 TRAINING_LENGTH_KEYS = ("seq_len", "max_seq_length", "block_size", "context_length", "max_length")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -140,11 +148,7 @@ def is_ttt_model(model) -> bool:
     return getattr(model.config, "model_type", None) == "ttt" and hasattr(model, "stream")
 
 
-def read_training_args(path: str | os.PathLike[str]) -> dict:
-    """The folder's `training_args.json` as a dict (empty if there is none; an `EvaluationError` if unreadable)."""
-    file = Path(path) / TRAINING_ARGS_FILE
-    if not file.is_file():
-        return {}
+def _read_json_object(file: Path) -> dict:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
@@ -152,6 +156,35 @@ def read_training_args(path: str | os.PathLike[str]) -> dict:
     if not isinstance(data, dict):
         raise EvaluationError(f"{file} must hold a JSON object, got {type(data).__name__}.")
     return data
+
+
+def read_training_args(path: str | os.PathLike[str]) -> dict:
+    """How the model in folder `path` was trained, as a flat dict (`seq_len`, `seed`, `validation_fraction`,
+    `data`, ...; empty when nothing is recorded): the "run" settings of `ttt-train`'s `trainer_state.json` in the
+    folder (a checkpoint) or else in its newest `checkpoint-<step>/` (a run's output folder, whose final model sits
+    beside its checkpoints), updated with a `training_args.json` in the folder if there is one."""
+    folder = Path(path)
+    state_file = folder / TRAINER_STATE_FILE
+    if not state_file.is_file():
+        steps = sorted((int(match.group(1)), child) for child in folder.iterdir() if child.is_dir()
+                       and (match := CHECKPOINT_PATTERN.fullmatch(child.name))
+                       and (child / TRAINER_STATE_FILE).is_file()) if folder.is_dir() else []
+        state_file = steps[-1][1] / TRAINER_STATE_FILE if steps else None
+    record = {}
+    if state_file is not None:
+        run = _read_json_object(state_file).get("run")
+        record.update(run if isinstance(run, dict) else {})
+    if (folder / TRAINING_ARGS_FILE).is_file():
+        record.update(_read_json_object(folder / TRAINING_ARGS_FILE))
+    return record
+
+
+def _same_sources(a: Sequence[str] | None, b: Sequence[str] | None) -> bool:
+    """Whether two `--data` lists name the same documents (paths compared resolved; no sources = the default)."""
+    def normal(sources):
+        return [str(Path(source).resolve()) if os.path.exists(source) else source for source in sources or []]
+
+    return normal(a) == normal(b)
 
 
 def training_length(model, training_args: dict | None = None) -> int | None:
@@ -189,8 +222,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, min_tokens: int = 2) -> 
     group.add_argument("--streaming", action="store_true", help="stream a datasets dataset instead of loading it")
     group.add_argument("--split-fraction", type=float, default=None, metavar="F",
                        help="score the validation side of the document split with this fraction (default: the "
-                            f"model folder's {TRAINING_ARGS_FILE} if it records one, else every document; 0: "
-                            "every document)")
+                            "training run's split when the model folder records one and the data is what it "
+                            "trained on, else every document; 0: every document)")
     group.add_argument("--seed", type=int, default=None,
                        help="seed of the document split (default: the training run's, else 0)")
     group.add_argument("--max-documents", type=int, default=None, metavar="N", help="score at most N documents")
@@ -198,8 +231,10 @@ def add_data_arguments(parser: argparse.ArgumentParser, min_tokens: int = 2) -> 
                        help=f"only documents at least N tokens long (default {min_tokens})")
     group.add_argument("--max-tokens-per-document", type=int, default=None, metavar="N",
                        help="cut each document to its first N tokens")
-    group.add_argument("--no-bos", action="store_true",
-                       help="do not put the tokenizer's BOS token before each document")
+    group.add_argument("--bos", action="store_true",
+                       help="put the tokenizer's BOS token first where the tokenizer itself does not")
+    group.add_argument("--no-eos", action="store_true",
+                       help="do not append the end-of-document token (ttt-train trains with it)")
 
 
 @dataclass(frozen=True)
@@ -215,21 +250,26 @@ class DocumentSelection:
     max_documents: int | None = None
     min_tokens: int = 2
     max_tokens_per_document: int | None = None
-    add_bos: bool = True
+    add_bos: bool = False
+    add_eos: bool = True
+    split_from: str = "none"  # what decided the split: "none", "--split-fraction" or the training record
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model_path: str | os.PathLike[str] | None = None
                   ) -> "DocumentSelection":
-        """The selection the arguments ask for; the split defaults to the one in the model folder's
-        `training_args.json` (`validation_fraction`, `seed`) when the folder has one."""
+        """The selection the arguments ask for; the split defaults to the training run's (see the module
+        docstring) when `model_path` records one."""
         recorded = read_training_args(model_path) if model_path is not None else {}
-        fraction = args.split_fraction
+        recorded_fraction = recorded.get("validation_fraction")
+        recorded_seed = recorded.get("seed")
+        if not isinstance(recorded_seed, int) or isinstance(recorded_seed, bool):
+            recorded_seed = 0
+        fraction, split_from = args.split_fraction, "--split-fraction"
         if fraction is None:
-            fraction = recorded.get("validation_fraction", 0.0) if isinstance(
-                recorded.get("validation_fraction"), (int, float)) else 0.0
-        seed = args.seed if args.seed is not None else recorded.get("seed", 0)
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            seed = 0
+            trained_here = isinstance(recorded_fraction, (int, float)) and _same_sources(args.data, recorded.get("data"))
+            fraction = float(recorded_fraction) if trained_here else 0.0
+            split_from = f"the training run recorded in {model_path}" if trained_here else "none"
+        seed = args.seed if args.seed is not None else recorded_seed
         if not 0 <= fraction < 1:
             raise EvaluationError(f"--split-fraction must be in [0, 1), got {fraction}.")
         for name in ("max_documents", "max_tokens_per_document"):
@@ -242,7 +282,8 @@ class DocumentSelection:
         return cls(sources=tuple(args.data) if args.data else None, text_field=args.text_field, split=args.split,
                    streaming=args.streaming, validation_fraction=float(fraction), seed=seed,
                    max_documents=args.max_documents, min_tokens=args.min_tokens,
-                   max_tokens_per_document=args.max_tokens_per_document, add_bos=not args.no_bos)
+                   max_tokens_per_document=args.max_tokens_per_document, add_bos=args.bos,
+                   add_eos=not args.no_eos, split_from=split_from if fraction > 0 else "none")
 
     def describe(self) -> dict:
         """JSON-ready record of the selection (stored in every output)."""
@@ -255,7 +296,9 @@ class DocumentSelection:
             "max_documents": self.max_documents,
             "min_tokens": self.min_tokens,
             "max_tokens_per_document": self.max_tokens_per_document,
+            "split_from": self.split_from,
             "add_bos": self.add_bos,
+            "add_eos": self.add_eos,
         }
 
 
@@ -266,14 +309,16 @@ class TokenizedDocument:
     original_length: int  # tokens before --max-tokens-per-document
 
 
-def encode(tokenizer, text: str, add_bos: bool = True) -> list[int]:
-    """Token ids of `text`, the BOS token first when the tokenizer has one and `add_bos` (it gives the document's
-    first token a context, so every real token is scored) and never twice."""
+def encode(tokenizer, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    """Token ids of `text` with the tokenizer's own special tokens, then the BOS token first (`add_bos`) and the
+    end-of-document token last (`add_eos`) where the tokenizer did not already put them."""
     # verbose=False: long documents are the point here, not a mistake to warn about
-    ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-    bos = getattr(tokenizer, "bos_token_id", None)
+    ids = list(tokenizer(text, verbose=False)["input_ids"])
+    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
     if add_bos and bos is not None and (not ids or ids[0] != bos):
         ids.insert(0, bos)
+    if add_eos and eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
     return ids
 
 
@@ -286,7 +331,7 @@ def tokenized_documents(selection: DocumentSelection, tokenizer) -> list[Tokeniz
         if selection.validation_fraction > 0 and not is_validation_document(
                 document.name, selection.validation_fraction, selection.seed):
             continue
-        ids = encode(tokenizer, document.text, selection.add_bos)
+        ids = encode(tokenizer, document.text, selection.add_bos, selection.add_eos)
         if len(ids) < selection.min_tokens:
             continue
         length = len(ids)

@@ -49,14 +49,15 @@ def passkey_text(key: int, repeats: int, depth: float) -> str:
     return " ".join(parts)
 
 
-def passkey_prompt(tokenizer, key: int, length: int, depth: float, add_bos: bool = True) -> list[int]:
+def passkey_prompt(tokenizer, key: int, length: int, depth: float, add_bos: bool = False) -> list[int]:
     """The prompt's token ids, as long as possible without exceeding `length` tokens (an `EvaluationError` if
     even no filler at all is longer)."""
     base = len(common.encode(tokenizer, passkey_text(key, 0, depth), add_bos))
     if base > length:
         raise common.EvaluationError(f"context length {length} is shorter than the passkey prompt without filler "
                                      f"({base} tokens of this tokenizer); ask for longer --lengths.")
-    per_repeat = len(common.encode(tokenizer, " " + FILLER, add_bos=False))
+    # the tokenizer's own special tokens are counted once, in `base`
+    per_repeat = max(1, len(common.encode(tokenizer, passkey_text(key, 1, depth), add_bos)) - base)
     repeats = max(0, (length - base) // per_repeat)
     ids = common.encode(tokenizer, passkey_text(key, repeats, depth), add_bos)
     # the estimate can be off by a few tokens where the filler joins its neighbours: step back until it fits
@@ -93,7 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--trials", type=int, default=5, help="random keys per cell (default 5)")
     group.add_argument("--seed", type=int, default=0, help="seed of the keys")
     group.add_argument("--max-new-tokens", type=int, default=8, help="tokens decoded greedily per prompt")
-    group.add_argument("--no-bos", action="store_true", help="do not put the tokenizer's BOS token first")
+    group.add_argument("--bos", action="store_true",
+                       help="put the tokenizer's BOS token first where the tokenizer itself does not")
     parser.add_argument("--output", required=True, metavar="FILE.json", help="the cells and every trial")
     parser.add_argument("--csv", default=None, metavar="FILE.csv", help="the cells (default: beside --output)")
     parser.add_argument("--plot", default=None, metavar="FILE.png", help="the heat map (default: beside --output)")
@@ -145,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     jobs = [(length, depth, trial, key) for length in lengths for depth in depths
             for trial, key in enumerate(passkey_keys(args.seed, length, depth, args.trials))]
     # every prompt is built (and a too-short length refused) before the first decode
-    prompts = {job: passkey_prompt(tokenizer, job[3], job[0], job[1], not args.no_bos) for job in jobs}
+    prompts = {job: passkey_prompt(tokenizer, job[3], job[0], job[1], args.bos) for job in jobs}
 
     trials = []
     mine = common.shard(jobs, state)
