@@ -43,7 +43,7 @@ from ..data import DEFAULT_CORPUS, DataError, is_validation_document, iter_docum
 TRAINER_STATE_FILE = "trainer_state.json"
 TRAINING_ARGS_FILE = "training_args.json"
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
-#: Keys of `training_args.json` read as the training context length, first found wins.
+#: Keys of the training record (`read_training_args`) read as the training context length, first found wins.
 TRAINING_LENGTH_KEYS = ("seq_len", "max_seq_length", "block_size", "context_length", "max_length")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -188,8 +188,9 @@ def _same_sources(a: Sequence[str] | None, b: Sequence[str] | None) -> bool:
 
 
 def training_length(model, training_args: dict | None = None) -> int | None:
-    """The context length the model was trained on: from `training_args.json` if it says, else the config's
-    `max_position_embeddings` (a Llama's limit; informational for TTT), else `None` (Mamba2 has no such field)."""
+    """The context length the model was trained on: from the training record (`read_training_args`: ttt-train's
+    `seq_len`) if it says, else the config's `max_position_embeddings` (a Llama's limit; informational for TTT),
+    else `None` (Mamba2 has no such field)."""
     for key in TRAINING_LENGTH_KEYS:
         value = (training_args or {}).get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
