@@ -96,7 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-new-tokens", type=int, default=8, help="tokens decoded greedily per prompt")
     group.add_argument("--bos", action="store_true",
                        help="put the tokenizer's BOS token first where the tokenizer itself does not")
-    parser.add_argument("--output", required=True, metavar="FILE.json", help="the cells and every trial")
+    parser.add_argument("--output", default="passkey.json", metavar="FILE.json",
+                        help="the cells and every trial (default passkey.json)")
     parser.add_argument("--csv", default=None, metavar="FILE.csv", help="the cells (default: beside --output)")
     parser.add_argument("--plot", default=None, metavar="FILE.png", help="the heat map (default: beside --output)")
     common.add_common_arguments(parser)

@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_scoring_arguments(parser)
     parser.add_argument("--bins", type=int, default=None, metavar="N",
                         help="N log-spaced position bins up to the longest position (default: powers of two)")
-    parser.add_argument("--output", required=True, metavar="FILE.csv", help="the CSV of mean loss per bin")
+    parser.add_argument("--output", default="position_loss.csv", metavar="FILE.csv",
+                        help="the CSV of mean loss per bin (default position_loss.csv)")
     parser.add_argument("--plot", default=None, metavar="FILE.png", help="the plot (default: beside --output)")
     parser.add_argument("--title", default=None, help="the plot's title")
     common.add_common_arguments(parser)
