@@ -1,0 +1,562 @@
+"""`ttt-eval speed`: prefill and decode throughput, and memory, against the context length, for TTT models (each
+inner-loop backend that runs on the device) and Transformer (Llama, SDPA attention) and Mamba2 baselines.
+
+    ttt-eval speed --preset 125m-linear --baseline llama --baseline mamba2 --lengths 128,512,2048 --output-dir out/
+    ttt-eval speed --model runs/ttt --label ttt --model runs/llama --label llama --device cuda --dtype bfloat16
+
+What is measured, for every (model, backend, context length L), batch `--batch-size`, random token ids:
+
+* prefill: one forward of L tokens that builds the model's cache, as `generate()` does (`use_cache=True`,
+  logits of the last position only); `--warmup` untimed forwards, then the median of `--repeats` timed ones;
+  tokens/s = batch · L / median.
+* decode: one-token steps continuing from the cache of an L-token prefill; `--warmup` untimed steps, then the
+  median of `--decode-tokens` timed steps; tokens/s = batch / median step. TTT's `TTTCache` has a fixed size
+  (the inner weights, Sec. 2 of Sun et al. 2024), a Transformer's KV cache grows with L; `cache_mib` is the size of
+  the cache after the decode (the bytes of its tensors).
+* peak memory of each phase. On CUDA `torch.cuda.max_memory_allocated` (reset before the phase; it includes the
+  weights). On the CPU the peak resident set size of this process (Linux `VmHWM`, reset before the phase after
+  returning freed heap memory to the system): it includes the weights and the Python/torch runtime, and the
+  output records which method was used (`memory_method`), including when the reset is not possible (then the
+  figure is the process's peak so far and only its growth is meaningful).
+
+Random-initialised models: `--preset NAME` (TTT) and `--baseline llama|mamba2`, sized by [`baseline_config`] to
+the parameter count of the first TTT model of the run (within `--size-tolerance`). Speed does not depend on the
+weights. Outputs in `--output-dir`: `speed.json`, `speed.csv`, `speed.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import io
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+BASELINE_ARCHS = ("llama", "mamba2")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: The widths of the paper's models (Sun et al. 2024, Table 5: 125M, 350M, 760M, 1.3B) by parameter count; a
+#: baseline sized without an explicit width takes the one of the nearest size.
+PAPER_WIDTHS = ((125e6, 768), (350e6, 1024), (760e6, 1536), (1.3e9, 2048))
+OUTPUT_NAMES = ("speed.json", "speed.csv", "speed.png")
+CSV_FIELDS = ("label", "arch", "ttt_impl", "params", "device", "dtype", "batch", "length",
+              "prefill_tokens_per_s", "prefill_ms", "prefill_peak_mib", "decode_tokens_per_s", "decode_ms_per_token",
+              "decode_peak_mib", "cache_mib", "weights_mib", "memory_method")
+
+
+class SpeedError(ValueError):
+    """Bad input to `ttt-eval speed` (reported as one line, exit status 2)."""
+
+
+# -- baseline sizing ---------------------------------------------------------------------------------------------
+
+
+def count_parameters(config) -> int:
+    """Parameters of `AutoModelForCausalLM.from_config(config)`, tied weights counted once. Built on the meta device:
+    exact, and no memory or time spent on real weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _baseline_config_for(arch: str, hidden_size: int, num_layers: int, vocab_size: int, head_dim: int,
+                         intermediate_ratio: float, tie_word_embeddings: bool, max_position_embeddings: int):
+    from transformers import LlamaConfig, Mamba2Config
+
+    if arch == "llama":
+        # the paper's Transformer baseline: Llama-style blocks (RoPE, SwiGLU), full multi-head attention
+        heads = max(1, hidden_size // head_dim)
+        intermediate = max(8, 8 * round(intermediate_ratio * hidden_size / 8))
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate,
+                           num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=heads,
+                           max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
+                           attn_implementation="sdpa")
+    # Mamba2 (Dao & Gu 2024) with its usual expansion 2: heads of `head_dim` channels over 2 · hidden_size
+    expand = 2
+    mamba_head_dim = head_dim if (expand * hidden_size) % head_dim == 0 else hidden_size
+    state_size = 128 if hidden_size >= 256 else 16
+    return Mamba2Config(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers, expand=expand,
+                        head_dim=mamba_head_dim, num_heads=expand * hidden_size // mamba_head_dim, n_groups=1,
+                        state_size=state_size, chunk_size=256, tie_word_embeddings=tie_word_embeddings)
+
+
+def baseline_config(arch: str, target_params: int, vocab_size: int, *, hidden_size: int | None = None,
+                    head_dim: int = 64, intermediate_ratio: float = 8 / 3, tie_word_embeddings: bool = True,
+                    max_position_embeddings: int = 2048, tolerance: float = 0.1):
+    """A transformers config of a `arch` ("llama" or "mamba2") language model with about `target_params` parameters.
+
+    The width is `hidden_size` (by default the paper's width for the nearest of its sizes); the number of layers is
+    the one whose exact parameter count (`count_parameters`) is nearest to the target. When no layer count lands
+    within `tolerance` (relative) of the target — small models, where the embeddings dominate — nearby widths
+    (multiples of `head_dim`, 0.5× to 2×) are tried as well, the one nearest to the requested width first.
+    """
+    if arch not in BASELINE_ARCHS:
+        raise SpeedError(f"--baseline must be one of {', '.join(BASELINE_ARCHS)}, got {arch!r}")
+    if hidden_size is None:
+        hidden_size = min(PAPER_WIDTHS, key=lambda size: abs(math.log(size[0] / max(target_params, 1))))[1]
+    head_dim = min(head_dim, hidden_size)
+
+    def sized(width: int):
+        def config_with(layers):
+            return _baseline_config_for(arch, width, layers, vocab_size, head_dim, intermediate_ratio,
+                                        tie_word_embeddings, max_position_embeddings)
+
+        one, two = count_parameters(config_with(1)), count_parameters(config_with(2))
+        per_layer, rest = two - one, 2 * one - two  # parameters are affine in the layer count
+        layers = max(1, round((target_params - rest) / per_layer))
+        config = config_with(layers)
+        return config, abs(count_parameters(config) - target_params) / target_params
+
+    best = sized(hidden_size)
+    if best[1] <= tolerance:
+        return best[0]
+    widths = {max(head_dim, head_dim * round(hidden_size * f / head_dim)) for f in (0.5, 0.625, 0.75, 0.875, 1.25,
+                                                                                    1.5, 1.75, 2.0)}
+    for width in sorted(widths - {hidden_size}, key=lambda w: abs(math.log(w / hidden_size))):
+        candidate = sized(width)
+        if candidate[1] < best[1]:
+            best = candidate
+        if best[1] <= tolerance:
+            break
+    return best[0]
+
+
+# -- memory ------------------------------------------------------------------------------------------------------
+
+
+def _release_heap() -> None:
+    try:  # glibc keeps freed memory (e.g. the previous phase's activations) resident; give it back first
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _read_status_mib(key: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak memory of one phase on `device` (see the module docstring); `method` says what the numbers are."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            self.method = "cuda max_memory_allocated (includes the weights)"
+        elif self._can_reset_rss():
+            self.method = "process peak RSS, reset per phase (includes the weights and the runtime)"
+        else:
+            self.method = "process peak RSS since start, not resettable here (includes the weights and the runtime)"
+
+    @staticmethod
+    def _can_reset_rss() -> bool:
+        if _read_status_mib("VmHWM") is None:
+            return False
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # Linux: 5 resets the peak resident set size (VmHWM) to the current one
+            return True
+        except OSError:
+            return False
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        _release_heap()
+        if self.method.startswith("process peak RSS, reset"):
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+
+    def peak_mib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        peak = _read_status_mib("VmHWM")
+        if peak is None:
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        return peak
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the distinct tensor storages reachable from `obj` (a cache object, with its lists, dicts, dataclass
+    and object attributes): the size of any model's cache without knowing its class."""
+    seen_storages, seen_objects, total = set(), set(), 0
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes())
+            if key not in seen_storages:
+                seen_storages.add(key)
+                total += storage.nbytes()
+            continue
+        if id(item) in seen_objects or isinstance(item, (str, bytes, int, float, bool, type(None))):
+            continue
+        seen_objects.add(id(item))
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set)):
+            stack.extend(item)
+        elif hasattr(item, "__dict__"):
+            stack.extend(vars(item).values())
+    return total
+
+
+# -- models ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelEntry:
+    label: str
+    arch: str  # "ttt", "llama", "mamba2" or another model_type
+    model: torch.nn.Module
+    impls: list[str] = field(default_factory=lambda: [""])  # TTT backends to run ("" for other models)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def default_impls(device: torch.device) -> list[str]:
+    """The TTT backends that can run on `device`: the PyTorch ops everywhere, the C++ decoding kernels on the CPU
+    (when they build), the Triton kernels on CUDA (when Triton is installed)."""
+    from modeling_ttt.ops import resolve_ttt_impl
+
+    impls = ["torch"]
+    for impl in ("cpp",) if device.type == "cpu" else ("triton",) if device.type == "cuda" else ():
+        try:
+            resolve_ttt_impl(impl, device)
+            impls.append(impl)
+        except RuntimeError:
+            pass
+    return impls
+
+
+def check_impls(impls: list[str], device: torch.device) -> list[str]:
+    """`impls` resolved on `device` ("auto" becomes what it picks), or a `SpeedError` naming one that cannot run."""
+    from modeling_ttt.ops import TTT_IMPLEMENTATIONS, resolve_ttt_impl
+
+    resolved = []
+    for impl in impls:
+        if impl not in TTT_IMPLEMENTATIONS:
+            raise SpeedError(f"--ttt-impl {impl!r} is not one of {', '.join(TTT_IMPLEMENTATIONS)}")
+        try:
+            name = resolve_ttt_impl(impl, device)
+        except (RuntimeError, ValueError) as error:
+            raise SpeedError(f"--ttt-impl {impl} cannot run on {device}: {error}") from None
+        if name not in resolved:
+            resolved.append(name)
+    return resolved
+
+
+def _load_folder(path: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    import modeling_ttt  # noqa: F401  (registers TTT with the auto classes)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not os.path.isdir(path):
+        raise SpeedError(f"--model {path}: not a folder")
+    try:
+        config = AutoConfig.from_pretrained(path)
+        kwargs = {"attn_implementation": "sdpa"} if config.model_type == "llama" else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        raise SpeedError(f"--model {path}: cannot load a causal LM ({str(error).splitlines()[0]})") from None
+    return model.to(device).eval()
+
+
+def build_models(args, device: torch.device, dtype: torch.dtype, impls: list[str]) -> list[ModelEntry]:
+    """The models of the run, in order: `--model` folders, `--preset` TTT models, then `--baseline` models."""
+    from modeling_ttt import PRESET_NAMES, TTTConfig, TTTForCausalLM
+
+    entries = []
+    for index, path in enumerate(args.model):
+        label = args.label[index] if index < len(args.label) else Path(path).name
+        model = _load_folder(path, dtype, device)
+        arch = model.config.model_type
+        entries.append(ModelEntry(label, arch, model, list(impls) if arch == "ttt" else [""]))
+    for name in args.preset:
+        torch.manual_seed(args.seed)
+        config = TTTConfig.from_preset(name)
+        entries.append(ModelEntry(f"ttt-{name}", "ttt", TTTForCausalLM(config).to(device=device, dtype=dtype).eval(),
+                                  list(impls)))
+    if args.baseline:
+        reference = next((e.model for e in entries if e.arch == "ttt"), None)
+        if reference is None:
+            raise SpeedError("--baseline needs a TTT model to match in size (--preset or a TTT --model folder)")
+        ttt_config = reference.config
+        target = sum(p.numel() for p in reference.parameters())
+        for arch in args.baseline:
+            config = baseline_config(arch, target, ttt_config.vocab_size, hidden_size=ttt_config.hidden_size,
+                                     head_dim=ttt_config.hidden_size // ttt_config.num_attention_heads,
+                                     intermediate_ratio=ttt_config.intermediate_size / ttt_config.hidden_size,
+                                     tie_word_embeddings=ttt_config.tie_word_embeddings,
+                                     max_position_embeddings=max(max(args.lengths) * 2, 2048),
+                                     tolerance=args.size_tolerance)
+            from transformers import AutoModelForCausalLM
+
+            torch.manual_seed(args.seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+            entries.append(ModelEntry(arch, arch, model))
+    if not entries:
+        raise SpeedError(f"nothing to measure: give --model PATH, --preset NAME ({', '.join(PRESET_NAMES)}) "
+                         "and/or --baseline")
+    return entries
+
+
+# -- measurements ------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def measure(model, length: int, args, device: torch.device, memory: PeakMemory) -> dict:
+    """One (model, length) point: prefill and decode speed and peak memory (see the module docstring)."""
+    generator = torch.Generator().manual_seed(args.seed)
+    vocab = model.config.vocab_size
+    input_ids = torch.randint(0, vocab, (args.batch_size, length), generator=generator).to(device)
+
+    def prefill():
+        return model(input_ids, use_cache=True, logits_to_keep=1)
+
+    for _ in range(args.warmup):
+        prefill()
+    memory.reset()
+    times = []
+    for _ in range(args.repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        output = prefill()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    prefill_peak = memory.peak_mib()
+    prefill_seconds = statistics.median(times)
+
+    cache = output.cache
+    token = output.logits[:, -1].argmax(dim=-1, keepdim=True)
+    del output
+    memory.reset()
+    steps = []
+    for step in range(args.warmup + args.decode_tokens):
+        _synchronize(device)
+        start = time.perf_counter()
+        output = model(token, cache=cache, use_cache=True, logits_to_keep=1)
+        token = output.logits[:, -1].argmax(dim=-1, keepdim=True)
+        _synchronize(device)
+        if step >= args.warmup:
+            steps.append(time.perf_counter() - start)
+        cache = output.cache
+    decode_peak = memory.peak_mib()
+    step_seconds = statistics.median(steps)
+    return dict(prefill_tokens_per_s=args.batch_size * length / prefill_seconds, prefill_ms=prefill_seconds * 1e3,
+                prefill_peak_mib=prefill_peak, decode_tokens_per_s=args.batch_size / step_seconds,
+                decode_ms_per_token=step_seconds * 1e3, decode_peak_mib=decode_peak,
+                cache_mib=tensor_bytes(cache) / 2**20)
+
+
+# -- outputs -----------------------------------------------------------------------------------------------------
+
+
+def _plot(rows: list[dict], memory_method: str, title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("prefill_tokens_per_s", "prefill tokens/s", True), ("decode_tokens_per_s", "decode tokens/s", True),
+              ("decode_peak_mib", "peak memory while decoding (MiB)", False), ("cache_mib", "cache size (MiB)", True))
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    series = {}
+    for row in rows:
+        series.setdefault(row["label"] + (f" [{row['ttt_impl']}]" if row["ttt_impl"] else ""), []).append(row)
+    for axis, (key, name, log_y) in zip(axes, panels):
+        for line, points in series.items():
+            points = sorted(points, key=lambda r: r["length"])
+            axis.plot([p["length"] for p in points], [max(p[key], 1e-6) for p in points], marker="o", label=line)
+        axis.set_xscale("log", base=2)
+        if log_y:
+            axis.set_yscale("log")
+        axis.set_xlabel("context length (tokens)")
+        axis.set_title(name, fontsize=10)
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle(f"{title}\nmemory: {memory_method}", fontsize=9)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def write_files_atomically(output_dir: Path, contents: dict[str, bytes]) -> None:
+    """Write every file to a temporary name first, then move them all into place: an error leaves nothing behind."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    umask = os.umask(0)
+    os.umask(umask)
+    temporary = {}
+    try:
+        for name, data in contents.items():
+            handle, path = tempfile.mkstemp(dir=output_dir, prefix=f".{name}.", suffix=".tmp")
+            with os.fdopen(handle, "wb") as f:
+                f.write(data)
+            os.chmod(path, 0o666 & ~umask)  # mkstemp creates 0600; give the files the usual permissions
+            temporary[name] = path
+        for name, path in temporary.items():
+            os.replace(path, output_dir / name)
+    finally:
+        for path in temporary.values():
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def _csv_bytes(rows: list[dict], fields) -> bytes:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue().encode()
+
+
+# -- command -----------------------------------------------------------------------------------------------------
+
+
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.split("\n\n")[0]
+    parser.add_argument("--model", action="append", default=[], metavar="PATH",
+                        help="a saved causal LM folder (any AutoModelForCausalLM); repeatable")
+    parser.add_argument("--label", action="append", default=[], metavar="NAME",
+                        help="name of the matching --model in the outputs (default: the folder name)")
+    parser.add_argument("--preset", action="append", default=[], metavar="NAME",
+                        help="a random-initialised TTT preset, e.g. 125m-linear; repeatable")
+    parser.add_argument("--baseline", action="append", default=[], choices=BASELINE_ARCHS,
+                        help="a random-initialised baseline sized to the first TTT model; repeatable")
+    parser.add_argument("--size-tolerance", type=float, default=0.1,
+                        help="relative parameter-count tolerance of the baselines (default 0.1)")
+    parser.add_argument("--ttt-impl", default=None, metavar="LIST",
+                        help="comma list of TTT backends (torch, cpp, triton, auto); default: all that run here")
+    parser.add_argument("--lengths", type=_positive_ints, default=[128, 512, 2048], metavar="LIST",
+                        help="context lengths (default 128,512,2048)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="timed prefill forwards per point (median)")
+    parser.add_argument("--decode-tokens", type=int, default=16, help="timed decode steps per point (median)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed forwards / steps before each timing")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", type=Path, default=Path("ttt-eval-speed"),
+                        help="where speed.json, speed.csv and speed.png go (default ./ttt-eval-speed)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _check_args(args) -> torch.device:
+    for name in ("batch_size", "repeats", "decode_tokens"):
+        if getattr(args, name) < 1:
+            raise SpeedError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        raise SpeedError("--warmup must be at least 0")
+    if len(args.label) > len(args.model):
+        raise SpeedError(f"{len(args.label)} --label for {len(args.model)} --model")
+    if os.environ.get("TTT_IMPL"):
+        raise SpeedError("the TTT_IMPL environment variable would override every --ttt-impl; unset it")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise SpeedError(f"--device {args.device!r} is not a torch device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpeedError(f"--device {args.device}: CUDA is not available here")
+    return device
+
+
+def run(args) -> int:
+    from tqdm.auto import tqdm
+
+    try:
+        device = _check_args(args)
+        impls = check_impls(args.ttt_impl.split(","), device) if args.ttt_impl else default_impls(device)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        dtype = DTYPES[args.dtype]
+        entries = build_models(args, device, dtype, impls)
+    except SpeedError as error:
+        print(f"ttt-eval speed: error: {error}", file=sys.stderr)
+        return 2
+
+    memory = PeakMemory(device)
+    lengths = sorted(set(args.lengths))
+    rows = []
+    points = [(entry, impl, length) for entry in entries for impl in entry.impls for length in lengths]
+    for entry, impl, length in tqdm(points, desc="speed", disable=args.no_progress):
+        if impl:
+            entry.model.config.ttt_impl = impl
+        result = measure(entry.model, length, args, device, memory)
+        rows.append(dict(label=entry.label, arch=entry.arch, ttt_impl=impl,
+                         params=sum(p.numel() for p in entry.model.parameters()), device=str(device),
+                         dtype=args.dtype, batch=args.batch_size, length=length,
+                         weights_mib=tensor_bytes(dict(entry.model.named_parameters())) / 2**20,
+                         memory_method=memory.method, **result))
+
+    meta = dict(command="ttt-eval speed", device=str(device),
+                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+                dtype=args.dtype, threads=torch.get_num_threads(), torch=torch.__version__, batch_size=args.batch_size,
+                repeats=args.repeats, decode_tokens=args.decode_tokens, warmup=args.warmup, lengths=lengths,
+                memory_method=memory.method,
+                models=[dict(label=e.label, arch=e.arch, params=sum(p.numel() for p in e.model.parameters()),
+                             config=e.model.config.to_diff_dict(), ttt_impls=[i for i in e.impls if i])
+                        for e in entries])
+    title = f"ttt-eval speed: {args.dtype} on {meta['device_name'] or device}, batch {args.batch_size}"
+    write_files_atomically(args.output_dir, {
+        "speed.json": json.dumps(dict(meta, results=rows), indent=2, default=str).encode(),
+        "speed.csv": _csv_bytes(rows, CSV_FIELDS),
+        "speed.png": _plot(rows, memory.method, title),
+    })
+    for row in rows:
+        impl = f" [{row['ttt_impl']}]" if row["ttt_impl"] else ""
+        print(f"{row['label']}{impl} L={row['length']}: prefill {row['prefill_tokens_per_s']:.1f} tok/s, decode "
+              f"{row['decode_tokens_per_s']:.1f} tok/s, peak {row['decode_peak_mib']:.0f} MiB, cache "
+              f"{row['cache_mib']:.2f} MiB")
+    print(f"wrote {', '.join(str(args.output_dir / n) for n in OUTPUT_NAMES)}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="ttt-eval speed")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+__all__ = ["BASELINE_ARCHS", "PeakMemory", "SpeedError", "add_arguments", "baseline_config", "count_parameters",
+           "main", "measure", "run", "tensor_bytes"]
