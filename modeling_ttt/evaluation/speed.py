@@ -21,41 +21,34 @@ What is measured, for every (model, backend, context length L), batch `--batch-s
 
 Random-initialised models: `--preset NAME` (TTT) and `--baseline llama|mamba2`, sized by [`baseline_config`] to
 the parameter count of the first TTT model of the run (within `--size-tolerance`). Speed does not depend on the
-weights. Outputs in `--output-dir`: `speed.json`, `speed.csv`, `speed.png`.
+weights. Outputs: `--output FILE.json` (default `speed.json`) with the settings and every row, the rows as CSV
+(`--csv`, default beside it) and the plot (`--plot`, default beside it), written together or not at all.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import csv
-import io
-import json
 import math
 import os
 import platform
 import statistics
-import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from . import common
+from .common import EvaluationError
+
 BASELINE_ARCHS = ("llama", "mamba2")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: common.DTYPES[name] for name in ("float32", "bfloat16", "float16")}
 #: The widths of the paper's models (Sun et al. 2024, Table 5: 125M, 350M, 760M, 1.3B) by parameter count; a
 #: baseline sized without an explicit width takes the one of the nearest size.
 PAPER_WIDTHS = ((125e6, 768), (350e6, 1024), (760e6, 1536), (1.3e9, 2048))
-OUTPUT_NAMES = ("speed.json", "speed.csv", "speed.png")
 CSV_FIELDS = ("label", "arch", "ttt_impl", "params", "device", "dtype", "batch", "length",
               "prefill_tokens_per_s", "prefill_ms", "prefill_peak_mib", "decode_tokens_per_s", "decode_ms_per_token",
               "decode_peak_mib", "cache_mib", "weights_mib", "memory_method")
-
-
-class SpeedError(ValueError):
-    """Bad input to `ttt-eval speed` (reported as one line, exit status 2)."""
 
 
 # -- baseline sizing ---------------------------------------------------------------------------------------------
@@ -103,7 +96,7 @@ def baseline_config(arch: str, target_params: int, vocab_size: int, *, hidden_si
     (multiples of `head_dim`, 0.5× to 2×) are tried as well, the one nearest to the requested width first.
     """
     if arch not in BASELINE_ARCHS:
-        raise SpeedError(f"--baseline must be one of {', '.join(BASELINE_ARCHS)}, got {arch!r}")
+        raise EvaluationError(f"--baseline must be one of {', '.join(BASELINE_ARCHS)}, got {arch!r}")
     if hidden_size is None:
         hidden_size = min(PAPER_WIDTHS, key=lambda size: abs(math.log(size[0] / max(target_params, 1))))[1]
     head_dim = min(head_dim, hidden_size)
@@ -259,17 +252,17 @@ def default_impls(device: torch.device) -> list[str]:
 
 
 def check_impls(impls: list[str], device: torch.device) -> list[str]:
-    """`impls` resolved on `device` ("auto" becomes what it picks), or a `SpeedError` naming one that cannot run."""
+    """`impls` resolved on `device` ("auto" becomes what it picks), or a `EvaluationError` naming one that cannot run."""
     from modeling_ttt.ops import TTT_IMPLEMENTATIONS, resolve_ttt_impl
 
     resolved = []
     for impl in impls:
         if impl not in TTT_IMPLEMENTATIONS:
-            raise SpeedError(f"--ttt-impl {impl!r} is not one of {', '.join(TTT_IMPLEMENTATIONS)}")
+            raise EvaluationError(f"--ttt-impl {impl!r} is not one of {', '.join(TTT_IMPLEMENTATIONS)}")
         try:
             name = resolve_ttt_impl(impl, device)
         except (RuntimeError, ValueError) as error:
-            raise SpeedError(f"--ttt-impl {impl} cannot run on {device}: {error}") from None
+            raise EvaluationError(f"--ttt-impl {impl} cannot run on {device}: {error}") from None
         if name not in resolved:
             resolved.append(name)
     return resolved
@@ -279,14 +272,14 @@ def _load_folder(path: str, dtype: torch.dtype, device: torch.device) -> torch.n
     import modeling_ttt  # noqa: F401  (registers TTT with the auto classes)
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if not os.path.isdir(path):
-        raise SpeedError(f"--model {path}: not a folder")
+    folder = common.check_model_folder(path)  # no tokenizer needed: the inputs are random ids
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(folder)
         kwargs = {"attn_implementation": "sdpa"} if config.model_type == "llama" else {}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    except (OSError, ValueError, KeyError) as error:
-        raise SpeedError(f"--model {path}: cannot load a causal LM ({str(error).splitlines()[0]})") from None
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    except Exception as error:  # any failure to build the model is the folder's problem, named in one line
+        message = " ".join(str(error).split())[:300]
+        raise EvaluationError(f"cannot load a causal LM from {str(path)!r}: {type(error).__name__}: {message}") from None
     return model.to(device).eval()
 
 
@@ -308,7 +301,7 @@ def build_models(args, device: torch.device, dtype: torch.dtype, impls: list[str
     if args.baseline:
         reference = next((e.model for e in entries if e.arch == "ttt"), None)
         if reference is None:
-            raise SpeedError("--baseline needs a TTT model to match in size (--preset or a TTT --model folder)")
+            raise EvaluationError("--baseline needs a TTT model to match in size (--preset or a TTT --model folder)")
         ttt_config = reference.config
         target = sum(p.numel() for p in reference.parameters())
         for arch in args.baseline:
@@ -324,7 +317,7 @@ def build_models(args, device: torch.device, dtype: torch.dtype, impls: list[str
             model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
             entries.append(ModelEntry(arch, arch, model))
     if not entries:
-        raise SpeedError(f"nothing to measure: give --model PATH, --preset NAME ({', '.join(PRESET_NAMES)}) "
+        raise EvaluationError(f"nothing to measure: give --model PATH, --preset NAME ({', '.join(PRESET_NAMES)}) "
                          "and/or --baseline")
     return entries
 
@@ -380,11 +373,9 @@ def measure(model, length: int, args, device: torch.device, memory: PeakMemory) 
 # -- outputs -----------------------------------------------------------------------------------------------------
 
 
-def _plot(rows: list[dict], memory_method: str, title: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(rows: list[dict], memory_method: str, title: str):
+    """The figure: throughput, peak memory and cache size against the context length (log axes)."""
+    plt = common.pyplot()
 
     panels = (("prefill_tokens_per_s", "prefill tokens/s", True), ("decode_tokens_per_s", "decode tokens/s", True),
               ("decode_peak_mib", "peak memory while decoding (MiB)", False), ("cache_mib", "cache size (MiB)", True))
@@ -405,39 +396,8 @@ def _plot(rows: list[dict], memory_method: str, title: str) -> bytes:
     axes[0].legend(fontsize=8)
     figure.suptitle(f"{title}\nmemory: {memory_method}", fontsize=9)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    return buffer.getvalue()
+    return figure
 
-
-def write_files_atomically(output_dir: Path, contents: dict[str, bytes]) -> None:
-    """Write every file to a temporary name first, then move them all into place: an error leaves nothing behind."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    umask = os.umask(0)
-    os.umask(umask)
-    temporary = {}
-    try:
-        for name, data in contents.items():
-            handle, path = tempfile.mkstemp(dir=output_dir, prefix=f".{name}.", suffix=".tmp")
-            with os.fdopen(handle, "wb") as f:
-                f.write(data)
-            os.chmod(path, 0o666 & ~umask)  # mkstemp creates 0600; give the files the usual permissions
-            temporary[name] = path
-        for name, path in temporary.items():
-            os.replace(path, output_dir / name)
-    finally:
-        for path in temporary.values():
-            if os.path.exists(path):
-                os.unlink(path)
-
-
-def _csv_bytes(rows: list[dict], fields) -> bytes:
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return text.getvalue().encode()
 
 
 # -- command -----------------------------------------------------------------------------------------------------
@@ -454,74 +414,78 @@ def _positive_ints(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.split("\n\n")[0]
-    parser.add_argument("--model", action="append", default=[], metavar="PATH",
-                        help="a saved causal LM folder (any AutoModelForCausalLM); repeatable")
-    parser.add_argument("--label", action="append", default=[], metavar="NAME",
-                        help="name of the matching --model in the outputs (default: the folder name)")
-    parser.add_argument("--preset", action="append", default=[], metavar="NAME",
+    models = parser.add_argument_group("models")
+    models.add_argument("--model", action="append", default=[], metavar="PATH",
+                        help="a saved causal LM folder (any AutoModelForCausalLM; no tokenizer needed); repeatable")
+    models.add_argument("--label", action="append", default=[], metavar="NAME",
+                        help="a name for each --model, in the same order (default: the folder name)")
+    models.add_argument("--preset", action="append", default=[], metavar="NAME",
                         help="a random-initialised TTT preset, e.g. 125m-linear; repeatable")
-    parser.add_argument("--baseline", action="append", default=[], choices=BASELINE_ARCHS,
+    models.add_argument("--baseline", action="append", default=[], choices=BASELINE_ARCHS,
                         help="a random-initialised baseline sized to the first TTT model; repeatable")
-    parser.add_argument("--size-tolerance", type=float, default=0.1,
+    models.add_argument("--size-tolerance", type=float, default=0.1,
                         help="relative parameter-count tolerance of the baselines (default 0.1)")
-    parser.add_argument("--ttt-impl", default=None, metavar="LIST",
+    models.add_argument("--ttt-impl", default=None, metavar="LIST",
                         help="comma list of TTT backends (torch, cpp, triton, auto); default: all that run here")
-    parser.add_argument("--lengths", type=_positive_ints, default=[128, 512, 2048], metavar="LIST",
+    models.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="default float32")
+    models.add_argument("--device", default=None,
+                        help="torch device (default: this process's accelerate device: a GPU if there is one)")
+    timing = parser.add_argument_group("measurements")
+    timing.add_argument("--lengths", type=_positive_ints, default=[128, 512, 2048], metavar="LIST",
                         help="context lengths (default 128,512,2048)")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3, help="timed prefill forwards per point (median)")
-    parser.add_argument("--decode-tokens", type=int, default=16, help="timed decode steps per point (median)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed forwards / steps before each timing")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", type=Path, default=Path("ttt-eval-speed"),
-                        help="where speed.json, speed.csv and speed.png go (default ./ttt-eval-speed)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    timing.add_argument("--batch-size", type=int, default=1, help="rows per forward (default 1)")
+    timing.add_argument("--repeats", type=int, default=3, help="timed prefill forwards per point (median; default 3)")
+    timing.add_argument("--decode-tokens", type=int, default=16,
+                        help="timed decode steps per point (median; default 16)")
+    timing.add_argument("--warmup", type=int, default=1, help="untimed forwards / steps before each timing (default 1)")
+    timing.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    timing.add_argument("--seed", type=int, default=0, help="seed of the random weights and token ids")
+    parser.add_argument("--output", default="speed.json", metavar="FILE.json",
+                        help="settings and rows (default speed.json)")
+    parser.add_argument("--csv", default=None, metavar="FILE.csv", help="the rows (default: beside --output)")
+    parser.add_argument("--plot", default=None, metavar="FILE.png", help="the plot (default: beside --output)")
+    common.add_common_arguments(parser)
 
 
 def _check_args(args) -> torch.device:
     for name in ("batch_size", "repeats", "decode_tokens"):
         if getattr(args, name) < 1:
-            raise SpeedError(f"--{name.replace('_', '-')} must be at least 1")
+            raise EvaluationError(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
-        raise SpeedError("--warmup must be at least 0")
-    if len(args.label) > len(args.model):
-        raise SpeedError(f"{len(args.label)} --label for {len(args.model)} --model")
+        raise EvaluationError("--warmup must be at least 0")
+    if args.threads is not None and args.threads < 1:
+        raise EvaluationError("--threads must be at least 1")
+    if args.label and len(args.label) != len(args.model):
+        raise EvaluationError(f"got {len(args.label)} --label for {len(args.model)} --model; give one per model or "
+                              "none")
     if os.environ.get("TTT_IMPL"):
-        raise SpeedError("the TTT_IMPL environment variable would override every --ttt-impl; unset it")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise SpeedError(f"--device {args.device!r} is not a torch device") from None
+        raise EvaluationError("the TTT_IMPL environment variable would override every --ttt-impl; unset it")
+    device = common.resolve_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SpeedError(f"--device {args.device}: CUDA is not available here")
+        raise EvaluationError(f"--device {args.device}: CUDA is not available here")
     return device
 
 
-def run(args) -> int:
-    from tqdm.auto import tqdm
-
-    try:
-        device = _check_args(args)
-        impls = check_impls(args.ttt_impl.split(","), device) if args.ttt_impl else default_impls(device)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        dtype = DTYPES[args.dtype]
-        entries = build_models(args, device, dtype, impls)
-    except SpeedError as error:
-        print(f"ttt-eval speed: error: {error}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace) -> int:
+    device = _check_args(args)
+    impls = check_impls(args.ttt_impl.split(","), device) if args.ttt_impl else default_impls(device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    entries = build_models(args, device, DTYPES[args.dtype], impls)
 
     memory = PeakMemory(device)
     lengths = sorted(set(args.lengths))
     rows = []
     points = [(entry, impl, length) for entry in entries for impl in entry.impls for length in lengths]
-    for entry, impl, length in tqdm(points, desc="speed", disable=args.no_progress):
+    warmed_up = set()
+    for entry, impl, length in common.progress(points, enabled=not args.no_progress, desc="speed"):
         if impl:
-            entry.model.config.ttt_impl = impl
+            entry.model.config.ttt_impl = impl  # the layers resolve the backend from the config at every forward
+        if args.warmup and (entry.label, impl) not in warmed_up:
+            # one untimed point first: lazy work of a model's first calls (kernel builds and loads, allocator
+            # growth, first-call dispatch) must not land in the first length's numbers
+            measure(entry.model, lengths[0], args, device, memory)
+            warmed_up.add((entry.label, impl))
         result = measure(entry.model, length, args, device, memory)
         rows.append(dict(label=entry.label, arch=entry.arch, ttt_impl=impl,
                          params=sum(p.numel() for p in entry.model.parameters()), device=str(device),
@@ -529,34 +493,27 @@ def run(args) -> int:
                          weights_mib=tensor_bytes(dict(entry.model.named_parameters())) / 2**20,
                          memory_method=memory.method, **result))
 
-    meta = dict(command="ttt-eval speed", device=str(device),
-                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-                dtype=args.dtype, threads=torch.get_num_threads(), torch=torch.__version__, batch_size=args.batch_size,
-                repeats=args.repeats, decode_tokens=args.decode_tokens, warmup=args.warmup, lengths=lengths,
-                memory_method=memory.method,
-                models=[dict(label=e.label, arch=e.arch, params=sum(p.numel() for p in e.model.parameters()),
-                             config=e.model.config.to_diff_dict(), ttt_impls=[i for i in e.impls if i])
-                        for e in entries])
-    title = f"ttt-eval speed: {args.dtype} on {meta['device_name'] or device}, batch {args.batch_size}"
-    write_files_atomically(args.output_dir, {
-        "speed.json": json.dumps(dict(meta, results=rows), indent=2, default=str).encode(),
-        "speed.csv": _csv_bytes(rows, CSV_FIELDS),
-        "speed.png": _plot(rows, memory.method, title),
-    })
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    results = dict(
+        command="ttt-eval speed", device=str(device), device_name=device_name, dtype=args.dtype,
+        threads=torch.get_num_threads(), torch=torch.__version__, batch_size=args.batch_size, repeats=args.repeats,
+        decode_tokens=args.decode_tokens, warmup=args.warmup, lengths=lengths, memory_method=memory.method,
+        models=[dict(label=e.label, arch=e.arch, params=sum(p.numel() for p in e.model.parameters()),
+                     ttt_impls=[i for i in e.impls if i], config=e.model.config.to_diff_dict()) for e in entries],
+        results=rows)
+    title = f"ttt-eval speed: {args.dtype} on {device_name}, batch {args.batch_size}"
+    csv_path = args.csv or common.default_path(args.output, ".csv")
+    plot_path = args.plot or common.default_path(args.output, ".png")
+    common.write_results([common.json_output(args.output, results), common.csv_output(csv_path, rows, CSV_FIELDS),
+                          common.figure_output(plot_path, plot(rows, memory.method, title))])
     for row in rows:
         impl = f" [{row['ttt_impl']}]" if row["ttt_impl"] else ""
         print(f"{row['label']}{impl} L={row['length']}: prefill {row['prefill_tokens_per_s']:.1f} tok/s, decode "
               f"{row['decode_tokens_per_s']:.1f} tok/s, peak {row['decode_peak_mib']:.0f} MiB, cache "
-              f"{row['cache_mib']:.2f} MiB")
-    print(f"wrote {', '.join(str(args.output_dir / n) for n in OUTPUT_NAMES)}")
+              f"{row['cache_mib']:.3f} MiB")
+    print(f"wrote {args.output}, {csv_path}, {plot_path}")
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="ttt-eval speed")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-__all__ = ["BASELINE_ARCHS", "PeakMemory", "SpeedError", "add_arguments", "baseline_config", "count_parameters",
-           "main", "measure", "run", "tensor_bytes"]
+__all__ = ["BASELINE_ARCHS", "PeakMemory", "add_arguments", "baseline_config", "count_parameters", "measure",
+           "plot", "run", "tensor_bytes"]
