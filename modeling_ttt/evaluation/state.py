@@ -3,8 +3,10 @@ the inner (TTT) loss by position, per layer and head — to see the state explod
 
     ttt-eval state --model runs/ttt --data corpus/ --tokens 16384 --output-dir out/
 
-The stream (one document with `--first-document`, else the documents joined by the EOS token) is fed through the
-recurrent `TTTCache` in chunks of whole mini-batches. For every mini-batch `i` (tokens `i·M … i·M+M−1`) and every
+The stream — the first `--tokens` tokens of the selected documents (`common.py`'s rule: `--data`, the validation
+side of the training split when the folder records one, each document starting with the BOS token) joined one after
+the other, or with `--single-document` the first document that long alone — is fed through the recurrent
+`TTTCache` in chunks of whole mini-batches (`--chunk-size`). For every mini-batch `i` (tokens `i·M … i·M+M−1`) and every
 layer and head this records
 
 * the state the mini-batch starts from, `W_prev` (the weights after the `i·M` tokens before it): `‖W1‖_F` (and
@@ -25,35 +27,24 @@ swaps the op the model passes to the layer), so it sees exactly what the op gets
 projections, convolutions and RoPE, the per-token learning rates `η`, the state — and the forward itself is
 untouched (no cost when not probing). From those it recomputes the mini-batch steps with the spec's functions.
 
-Outputs in `--output-dir`: `state.json` (per layer and head), `state.csv` (per layer and recorded position, heads
-averaged), `state.png`.
+Outputs: `--output FILE.json` (default `state.json`: the settings, and per layer and head every recorded value),
+`--csv` (per layer and recorded position, heads averaged) and `--plot`, both beside it by default, written together
+or not at all. Recorded positions: about `--points` log-spaced mini-batches, or every `--every`-th.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
 import math
-import os
-import sys
-from pathlib import Path
 
 import torch
 
-from modeling_ttt.evaluation.speed import DTYPES, write_files_atomically
+from . import common
+from .common import EvaluationError
 
-OUTPUT_NAMES = ("state.json", "state.csv", "state.png")
 #: How many times the training length `--tokens` defaults to.
 DEFAULT_LENGTH_FACTOR = 8
-#: Keys under which a training record in the model folder may give the training sequence length.
-TRAINING_LENGTH_KEYS = ("seq_len", "sequence_length", "max_seq_len", "block_size", "context_length", "train_seq_len")
-TRAINING_RECORD_FILES = ("training_args.json", "train_config.json", "ttt_train.json", "training.json")
-
-
-class StateError(ValueError):
-    """Bad input to `ttt-eval state` (reported as one line, exit status 2)."""
+DTYPES = {name: common.DTYPES[name] for name in ("float32", "bfloat16", "float16", "float64")}
 
 
 # -- the inner-loop diagnostics ----------------------------------------------------------------------------------
@@ -177,14 +168,12 @@ def stream_state_statistics(model, input_ids: torch.Tensor, chunk_size: int, los
     """Feed `input_ids` (`[B, N]`, N a multiple of the mini-batch size) through a `TTTCache` in chunks of
     `chunk_size` tokens (a multiple of the mini-batch size) with the probe on. Returns `(per-layer metrics
     [n, B, H], probe, cache)`."""
-    from tqdm.auto import tqdm
-
     from modeling_ttt import TTTCache
 
     cache = TTTCache(model.config)
     starts = range(0, input_ids.shape[1], chunk_size)
     with InnerLoopProbe(model, loss_tokens) as probe:
-        for start in tqdm(starts, desc="state", disable=not progress):
+        for start in common.progress(starts, enabled=progress, desc="state"):
             model(input_ids[:, start : start + chunk_size], cache=cache, use_cache=True, logits_to_keep=1)
     return probe.stacked(), probe, cache
 
@@ -223,12 +212,11 @@ def build_outputs(metrics: dict[int, dict[str, torch.Tensor]], indices: list[int
     return layers, rows
 
 
-def _plot(rows: list[dict], mini_batch_size: int, title: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(rows: list[dict], mini_batch_size: int, title: str):
+    """The figure: the state's norms and change, and the three inner losses, against the position (log x)."""
     import numpy as np
+
+    plt = common.pyplot()
 
     layer_ids = sorted({r["layer"] for r in rows})
     norm_names = [n for n in ("norm_W1", "norm_W2") if n in rows[0]]
@@ -265,215 +253,211 @@ def _plot(rows: list[dict], mini_batch_size: int, title: str) -> bytes:
         axis.grid(True, which="both", alpha=0.3)
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    return buffer.getvalue()
-
-
-def _csv_bytes(rows: list[dict]) -> bytes:
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return text.getvalue().encode()
+    return figure
 
 
 # -- inputs ------------------------------------------------------------------------------------------------------
 
 
-def training_length(model_dir: str | None, config) -> tuple[int, str]:
-    """The training sequence length of a model and where it comes from: a training record in the folder
-    (`TRAINING_RECORD_FILES`, one of `TRAINING_LENGTH_KEYS`), else the config's `max_position_embeddings`."""
-    if model_dir:
-        for name in TRAINING_RECORD_FILES:
-            path = Path(model_dir) / name
-            if not path.is_file():
-                continue
-            try:
-                record = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            for key in TRAINING_LENGTH_KEYS:
-                value = record.get(key) if isinstance(record, dict) else None
-                if isinstance(value, int) and value > 0:
-                    return value, f"{name}:{key}"
-    return config.max_position_embeddings, "max_position_embeddings"
-
-
 def load_model(args, device: torch.device, dtype: torch.dtype):
-    import modeling_ttt  # noqa: F401  (registers TTT with the auto classes)
+    """The TTT model of `--model` (a folder) or `--preset` (random weights), in eval mode on `device`."""
+    import modeling_ttt  # noqa: F401  (registers model_type "ttt" with the auto classes)
     from modeling_ttt import PRESET_NAMES, TTTConfig, TTTForCausalLM
 
     if bool(args.model) == bool(args.preset):
-        raise StateError("give exactly one of --model PATH or --preset NAME")
+        raise EvaluationError("give exactly one of --model PATH or --preset NAME.")
     if args.preset:
         if args.preset not in PRESET_NAMES:
-            raise StateError(f"--preset {args.preset!r} is not one of {', '.join(PRESET_NAMES)}")
-        torch.manual_seed(args.seed)
+            raise EvaluationError(f"--preset {args.preset!r} is not one of {', '.join(PRESET_NAMES)}.")
+        torch.manual_seed(args.seed if args.seed is not None else 0)
         model = TTTForCausalLM(TTTConfig.from_preset(args.preset))
     else:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        if not os.path.isdir(args.model):
-            raise StateError(f"--model {args.model}: not a folder")
+        folder = common.check_model_folder(args.model)
         try:
-            if AutoConfig.from_pretrained(args.model).model_type != "ttt":
-                raise StateError(f"--model {args.model}: not a TTT model (the state statistics need TTT layers)")
-            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
-        except (OSError, KeyError) as error:
-            raise StateError(f"--model {args.model}: cannot load ({str(error).splitlines()[0]})") from None
+            model_type = AutoConfig.from_pretrained(folder).model_type
+        except Exception as error:  # an unreadable config.json: the folder's problem, in one line
+            raise EvaluationError(f"cannot read the config of {args.model!r}: {type(error).__name__}") from error
+        if model_type != "ttt":
+            raise EvaluationError(f"{args.model!r} is a {model_type!r} model; the state statistics need TTT layers.")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        except Exception as error:
+            message = " ".join(str(error).split())[:300]
+            raise EvaluationError(f"cannot load {args.model!r}: {type(error).__name__}: {message}") from error
     if args.ttt_impl:
         from modeling_ttt.ops import resolve_ttt_impl
 
         try:
             resolve_ttt_impl(args.ttt_impl, device)
         except (RuntimeError, ValueError) as error:
-            raise StateError(f"--ttt-impl {args.ttt_impl}: {error}") from None
+            raise EvaluationError(f"--ttt-impl {args.ttt_impl} cannot run on {device}: {error}") from None
         model.config.ttt_impl = args.ttt_impl
     return model.to(device=device, dtype=dtype).eval()
 
 
-def token_stream(args, model, num_tokens: int) -> tuple[torch.Tensor, str]:
-    """`[1, num_tokens]` token ids and a description of where they come from."""
-    if args.random_tokens:
-        generator = torch.Generator().manual_seed(args.seed)
-        return torch.randint(0, model.config.vocab_size, (1, num_tokens), generator=generator), "random token ids"
+def load_tokenizer(args):
     from transformers import AutoTokenizer
-
-    from modeling_ttt.data import DEFAULT_CORPUS, DataError, iter_documents
 
     source = args.tokenizer or args.model
     if not source:
-        raise StateError("no tokenizer: give --tokenizer PATH (or a --model folder with one, or --random-tokens)")
+        raise EvaluationError("no tokenizer for --preset: give --tokenizer PATH, or --random-tokens.")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as error:
-        raise StateError(f"cannot load a tokenizer from {source} ({str(error).splitlines()[0]})") from None
-    ids, documents = [], 0
-    try:
-        for document in iter_documents(args.data or None, text_field=args.text_field):
-            if documents and args.first_document:
-                break
-            if documents and tokenizer.eos_token_id is not None:
-                ids.append(tokenizer.eos_token_id)
-            ids.extend(tokenizer(document.text, add_special_tokens=False)["input_ids"])
-            documents += 1
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as error:  # transformers raises OSError, ValueError, KeyError... for a folder without one
+        raise EvaluationError(f"{source!r} has no usable tokenizer (give --tokenizer PATH, or --random-tokens): "
+                              f"{type(error).__name__}") from error
+
+
+def document_stream(selection: "common.DocumentSelection", tokenizer, num_tokens: int, single_document: bool
+                    ) -> tuple[list[int], list[str]]:
+    """The first `num_tokens` ids of the documents `selection` picks, joined (each with its BOS token when the
+    selection adds one), or of the first document that long alone; and the names of the documents used. Reads only
+    as far as it needs to."""
+    from ..data import DEFAULT_CORPUS, DataError, is_validation_document, iter_documents
+
+    ids, names, longest = [], [], 0
+    for document in iter_documents(selection.sources, selection.text_field, selection.split, selection.streaming):
+        if selection.validation_fraction > 0 and not is_validation_document(
+                document.name, selection.validation_fraction, selection.seed):
+            continue
+        document_ids = common.encode(tokenizer, document.text, selection.add_bos)
+        if len(document_ids) < selection.min_tokens:
+            continue
+        if selection.max_tokens_per_document is not None:
+            document_ids = document_ids[: selection.max_tokens_per_document]
+        longest = max(longest, len(document_ids))
+        if single_document:
+            if len(document_ids) >= num_tokens:
+                return document_ids[:num_tokens], [document.name]
+        else:
+            ids.extend(document_ids)
+            names.append(document.name)
             if len(ids) >= num_tokens:
-                break
-    except DataError as error:
-        raise StateError(str(error)) from None
-    where = ", ".join(args.data) if args.data else DEFAULT_CORPUS
-    if len(ids) < num_tokens:
-        what = "the first document" if args.first_document else "the data"
-        raise StateError(f"{what} ({where}) has {len(ids)} tokens, fewer than --tokens {num_tokens}")
-    if any(i >= model.config.vocab_size for i in ids[:num_tokens]):
-        raise StateError(f"the tokenizer of {source} gives ids beyond the model's vocabulary "
-                         f"({model.config.vocab_size})")
-    return torch.tensor([ids[:num_tokens]]), f"{documents} document(s) of {where}"
+                return ids[:num_tokens], names
+        if selection.max_documents is not None and len(names) >= selection.max_documents:
+            break
+    where = ", ".join(selection.sources) if selection.sources else DEFAULT_CORPUS
+    if single_document:
+        raise DataError(f"no document of {where} has {num_tokens} tokens (the longest has {longest}); lower "
+                        "--tokens or drop --single-document.")
+    raise DataError(f"the documents of {where} hold {len(ids)} tokens, fewer than --tokens {num_tokens}.")
 
 
 # -- command -----------------------------------------------------------------------------------------------------
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.split("\n\n")[0]
-    parser.add_argument("--model", default=None, metavar="PATH", help="a saved TTT model folder")
-    parser.add_argument("--preset", default=None, metavar="NAME", help="a random-initialised TTT preset instead")
-    parser.add_argument("--data", action="append", default=[], metavar="SOURCE",
-                        help="text/JSONL file, folder or dataset; repeatable (default: the CPython stdlib sources)")
-    parser.add_argument("--text-field", default="text", help="JSONL/dataset field with the text (default text)")
-    parser.add_argument("--first-document", action="store_true",
-                        help="stream the first document only (default: documents joined by EOS)")
-    parser.add_argument("--tokenizer", default=None, metavar="PATH", help="default: the --model folder")
-    parser.add_argument("--random-tokens", action="store_true", help="a stream of random token ids instead of data")
-    parser.add_argument("--tokens", type=int, default=None,
-                        help=f"stream length (default {DEFAULT_LENGTH_FACTOR}x the training length recorded in the "
-                             "folder, else max_position_embeddings); rounded down to whole mini-batches")
-    parser.add_argument("--chunk-size", type=int, default=2048,
-                        help="tokens per forward (rounded down to whole mini-batches; default 2048)")
-    parser.add_argument("--points", type=int, default=64, help="log-spaced mini-batches to record (default 64)")
-    parser.add_argument("--every", type=int, default=None, help="record every k-th mini-batch instead")
-    parser.add_argument("--loss-tokens", default="all", choices=("all", "last"),
-                        help="inner loss over the mini-batch's tokens (mean) or its last token (official trainer)")
-    parser.add_argument("--ttt-impl", default=None, help="inner-loop backend (default: the model's config)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", type=Path, default=Path("ttt-eval-state"),
-                        help="where state.json, state.csv and state.png go (default ./ttt-eval-state)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=None, metavar="PATH", help="a saved TTT model folder")
+    group.add_argument("--preset", default=None, metavar="NAME",
+                       help="a random-initialised TTT preset instead of --model (e.g. 125m-linear)")
+    group.add_argument("--ttt-impl", default=None, help="inner-loop backend (default: the model's config)")
+    group.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="default float32")
+    group.add_argument("--device", default=None,
+                       help="torch device (default: this process's accelerate device: a GPU if there is one)")
+    common.add_data_arguments(parser)
+    stream = parser.add_argument_group("stream")
+    stream.add_argument("--tokenizer", default=None, metavar="PATH", help="default: the --model folder's")
+    stream.add_argument("--single-document", action="store_true",
+                        help="stream one document (the first with --tokens tokens) instead of the documents joined")
+    stream.add_argument("--random-tokens", action="store_true",
+                        help="stream random token ids (seeded by --seed) instead of documents")
+    stream.add_argument("--tokens", type=int, default=None, metavar="N",
+                        help=f"stream length (default {DEFAULT_LENGTH_FACTOR}x the training length: the folder's "
+                             "training_args.json, else max_position_embeddings); rounded down to whole mini-batches")
+    stream.add_argument("--chunk-size", type=int, default=2048, metavar="N",
+                        help="tokens per forward, rounded down to whole mini-batches (default 2048)")
+    stream.add_argument("--points", type=int, default=64, help="log-spaced mini-batches to record (default 64)")
+    stream.add_argument("--every", type=int, default=None, metavar="K",
+                        help="record every K-th mini-batch instead of log-spaced ones")
+    stream.add_argument("--loss-tokens", default="all", choices=("all", "last"),
+                        help="inner loss: mean over the mini-batch's tokens (default), or its last token only (as "
+                             "the official trainer logs it)")
+    parser.add_argument("--output", default="state.json", metavar="FILE.json",
+                        help="settings and per-head values (default state.json)")
+    parser.add_argument("--csv", default=None, metavar="FILE.csv",
+                        help="per (layer, position) rows (default: beside --output)")
+    parser.add_argument("--plot", default=None, metavar="FILE.png", help="the plot (default: beside --output)")
+    common.add_common_arguments(parser)
 
 
 def _prepare(args):
+    """Everything checked and loaded before the stream starts: `(device, model, input_ids [1, N], chunk, info)`."""
     for name in ("points", "chunk_size"):
         if getattr(args, name) < 1:
-            raise StateError(f"--{name.replace('_', '-')} must be at least 1")
+            raise EvaluationError(f"--{name.replace('_', '-')} must be at least 1.")
     if args.every is not None and args.every < 1:
-        raise StateError("--every must be at least 1")
+        raise EvaluationError("--every must be at least 1.")
     if args.tokens is not None and args.tokens < 1:
-        raise StateError("--tokens must be at least 1")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise StateError(f"--device {args.device!r} is not a torch device") from None
+        raise EvaluationError("--tokens must be at least 1.")
+    device = common.resolve_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise StateError(f"--device {args.device}: CUDA is not available here")
+        raise EvaluationError(f"--device {args.device}: CUDA is not available here.")
     model = load_model(args, device, DTYPES[args.dtype])
     mini_batch_size = model.config.mini_batch_size
-    train_length, length_source = training_length(args.model, model.config)
+    training_args = common.read_training_args(args.model) if args.model else {}
+    train_length = common.training_length(model, training_args)
+    recorded = any(isinstance(training_args.get(key), int) for key in common.TRAINING_LENGTH_KEYS)
     requested = args.tokens or DEFAULT_LENGTH_FACTOR * train_length
     num_tokens = requested // mini_batch_size * mini_batch_size
     if num_tokens == 0:
-        raise StateError(f"--tokens {requested} is less than one mini-batch ({mini_batch_size} tokens)")
+        raise EvaluationError(f"--tokens {requested} is less than one mini-batch ({mini_batch_size} tokens).")
     chunk = max(mini_batch_size, args.chunk_size // mini_batch_size * mini_batch_size)
-    input_ids, data_source = token_stream(args, model, num_tokens)
-    return device, model, input_ids.to(device), chunk, dict(training_length=train_length,
-                                                           training_length_source=length_source,
-                                                           data=data_source)
+    info = dict(training_length=train_length,
+                training_length_source=common.TRAINING_ARGS_FILE if recorded else "max_position_embeddings")
+    if args.random_tokens:
+        generator = torch.Generator().manual_seed(args.seed if args.seed is not None else 0)
+        input_ids = torch.randint(0, model.config.vocab_size, (1, num_tokens), generator=generator)
+        info.update(data="random token ids", documents=[])
+    else:
+        tokenizer = load_tokenizer(args)
+        selection = common.DocumentSelection.from_args(args, args.model)
+        ids, names = document_stream(selection, tokenizer, num_tokens, args.single_document)
+        if max(ids) >= model.config.vocab_size:
+            raise EvaluationError(f"the tokenizer gives ids up to {max(ids)}, beyond the model's vocabulary "
+                                  f"({model.config.vocab_size}).")
+        input_ids = torch.tensor([ids])
+        info.update(data=selection.describe(), documents=names)
+    return device, model, input_ids.to(device), chunk, info
 
 
-def run(args) -> int:
-    try:
-        device, model, input_ids, chunk, info = _prepare(args)
-    except StateError as error:
-        print(f"ttt-eval state: error: {error}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace) -> int:
+    device, model, input_ids, chunk, info = _prepare(args)
     config = model.config
     metrics, _, _ = stream_state_statistics(model, input_ids, chunk, args.loss_tokens, not args.no_progress)
     num_mini_batches = input_ids.shape[1] // config.mini_batch_size
     indices = record_indices(num_mini_batches, args.points, args.every)
     layers, rows = build_outputs(metrics, indices, config.mini_batch_size)
-    meta = dict(command="ttt-eval state", model=args.model or f"preset {args.preset} (random init)",
-                ttt_layer_type=config.ttt_layer_type, num_hidden_layers=config.num_hidden_layers,
-                num_heads=config.num_attention_heads, mini_batch_size=config.mini_batch_size,
-                ttt_base_lr=config.ttt_base_lr, tokens=input_ids.shape[1], chunk_size=chunk, device=str(device),
-                dtype=args.dtype, loss_tokens=args.loss_tokens,
-                loss="0.5 * ||LN(f(x_k; W)) - (x_v - x_k)||^2 per token (ops/naive.py), "
-                     + ("mean over the mini-batch" if args.loss_tokens == "all" else "the mini-batch's last token"),
-                position="index of the first token of the mini-batch; norms are of the state it starts from",
-                **info)
-    title = (f"ttt-eval state: {meta['model']}, TTT-{config.ttt_layer_type}, {input_ids.shape[1]} tokens "
-             f"(training length {info['training_length']}), mini-batch {config.mini_batch_size}")
-    write_files_atomically(args.output_dir, {
-        "state.json": json.dumps(dict(meta, layers=layers), indent=1).encode(),
-        "state.csv": _csv_bytes(rows),
-        "state.png": _plot(rows, config.mini_batch_size, title),
-    })
+    model_name = args.model or f"preset {args.preset} (random weights)"
+    results = dict(
+        command="ttt-eval state", model=model_name, ttt_layer_type=config.ttt_layer_type,
+        num_hidden_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
+        mini_batch_size=config.mini_batch_size, ttt_base_lr=config.ttt_base_lr, tokens=input_ids.shape[1],
+        chunk_size=chunk, device=str(device), dtype=args.dtype, loss_tokens=args.loss_tokens,
+        loss="0.5 * ||LN(f(x_k; W)) - (x_v - x_k)||^2 per token (ops/naive.py), "
+             + ("mean over the mini-batch" if args.loss_tokens == "all" else "the mini-batch's last token"),
+        position="index of the mini-batch's first token; the norms are of the state the mini-batch starts from",
+        **info, layers=layers)
+    title = (f"ttt-eval state: {model_name}, TTT-{config.ttt_layer_type}, {input_ids.shape[1]} tokens (training "
+             f"length {info['training_length']}), mini-batch {config.mini_batch_size}")
+    csv_path = args.csv or common.default_path(args.output, ".csv")
+    plot_path = args.plot or common.default_path(args.output, ".png")
+    common.write_results([common.json_output(args.output, results), common.csv_output(csv_path, rows, list(rows[0])),
+                          common.figure_output(plot_path, plot(rows, config.mini_batch_size, title))])
     last = [r for r in rows if r["mini_batch"] == indices[-1]]
-    mean = lambda key: sum(r[key] for r in last if r[key] is not None) / len(last)  # noqa: E731
-    print(f"{input_ids.shape[1]} tokens ({info['data']}); at position {indices[-1] * config.mini_batch_size}, mean "
-          f"over layers: ‖W1‖ {mean('norm_W1'):.4g}, change {mean('change_W1'):.4g}, inner loss init "
-          f"{mean('loss_init'):.4g} / before step {mean('loss_prev'):.4g} / after {mean('loss_after'):.4g}")
-    print(f"wrote {', '.join(str(args.output_dir / n) for n in OUTPUT_NAMES)}")
+
+    def mean(key):
+        values = [r[key] for r in last if r[key] is not None]
+        return sum(values) / len(values) if values else float("nan")
+
+    print(f"{input_ids.shape[1]} tokens; at position {indices[-1] * config.mini_batch_size}, mean over layers: "
+          f"‖W1‖ {mean('norm_W1'):.4g} (change {mean('change_W1'):.4g}); inner loss at W0 {mean('loss_init'):.4g}, "
+          f"before the step {mean('loss_prev'):.4g}, after {mean('loss_after'):.4g}")
+    print(f"wrote {args.output}, {csv_path}, {plot_path}")
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="ttt-eval state")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-__all__ = ["InnerLoopProbe", "StateError", "add_arguments", "inner_loss", "main", "mini_batch_diagnostics",
-           "record_indices", "run", "stream_state_statistics", "training_length"]
+__all__ = ["InnerLoopProbe", "add_arguments", "build_outputs", "document_stream", "inner_loss", "load_model",
+           "mini_batch_diagnostics", "plot", "record_indices", "run", "stream_state_statistics"]
