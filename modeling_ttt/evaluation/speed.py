@@ -1,7 +1,9 @@
 """`ttt-eval speed`: prefill and decode throughput, and memory, against the context length, for TTT models (each
 inner-loop backend that runs on the device) and Transformer (Llama, SDPA attention) and Mamba2 baselines.
 
-    ttt-eval speed --preset 125m-linear --baseline llama --baseline mamba2 --lengths 128,512,2048 --output-dir out/
+    ttt-eval speed --preset 125m-linear --baseline llama --baseline mamba2 --lengths 128,512,2048 --output out/s.json
+    ttt-eval speed --preset 1.3b-linear --baseline llama --baseline mamba2 --device cuda --dtype bfloat16 \
+        --lengths 1024,2048,4096,8192,16384 --output out/speed-1.3b.json      # the paper's largest size, on a GPU
     ttt-eval speed --model runs/ttt --label ttt --model runs/llama --label llama --device cuda --dtype bfloat16
 
 What is measured, for every (model, backend, context length L), batch `--batch-size`, random token ids:
@@ -21,8 +23,11 @@ What is measured, for every (model, backend, context length L), batch `--batch-s
 
 Random-initialised models: `--preset NAME` (TTT) and `--baseline llama|mamba2`, sized by [`baseline_config`] to
 the parameter count of the first TTT model of the run (within `--size-tolerance`). Speed does not depend on the
-weights. Outputs: `--output FILE.json` (default `speed.json`) with the settings and every row, the rows as CSV
-(`--csv`, default beside it) and the plot (`--plot`, default beside it), written together or not at all.
+weights. Mamba2 is fast only with the `mamba_ssm` and `causal_conv1d` kernels (CUDA); without them transformers
+runs a PyTorch reference, and the JSON says so (`fast_kernels`).
+
+Outputs: `--output FILE.json` (default `speed.json`) with the settings and every row, the rows as CSV (`--csv`,
+default beside it) and the plot (`--plot`, default beside it), written together or not at all.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from .common import EvaluationError
 
 BASELINE_ARCHS = ("llama", "mamba2")
 DTYPES = {name: common.DTYPES[name] for name in ("float32", "bfloat16", "float16")}
-#: The widths of the paper's models (Sun et al. 2024, Table 5: 125M, 350M, 760M, 1.3B) by parameter count; a
+#: The widths of the paper's four sizes (the presets in `configuration/`: 125M, 350M, 760M, 1.3B) by parameter count; a
 #: baseline sized without an explicit width takes the one of the nearest size.
 PAPER_WIDTHS = ((125e6, 768), (350e6, 1024), (760e6, 1536), (1.3e9, 2048))
 CSV_FIELDS = ("label", "arch", "ttt_impl", "params", "device", "dtype", "batch", "length",
@@ -268,6 +273,16 @@ def check_impls(impls: list[str], device: torch.device) -> list[str]:
     return resolved
 
 
+def fast_kernels(arch: str) -> bool | None:
+    """For Mamba2, whether transformers finds the fused `mamba_ssm` and `causal_conv1d` kernels (without them it
+    runs its much slower PyTorch reference, and the comparison says little about Mamba2 itself); None otherwise."""
+    if arch != "mamba2":
+        return None
+    from transformers.utils.import_utils import is_causal_conv1d_available, is_mamba_2_ssm_available
+
+    return bool(is_mamba_2_ssm_available() and is_causal_conv1d_available())
+
+
 def _load_folder(path: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     import modeling_ttt  # noqa: F401  (registers TTT with the auto classes)
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -338,8 +353,9 @@ def measure(model, length: int, args, device: torch.device, memory: PeakMemory) 
     for _ in range(args.warmup):
         prefill()
     memory.reset()
-    times = []
+    times, output = [], None
     for _ in range(args.repeats):
+        output = None  # the previous repeat's cache must not count in this one's peak
         _synchronize(device)
         start = time.perf_counter()
         output = prefill()
@@ -499,7 +515,8 @@ def run(args: argparse.Namespace) -> int:
         threads=torch.get_num_threads(), torch=torch.__version__, batch_size=args.batch_size, repeats=args.repeats,
         decode_tokens=args.decode_tokens, warmup=args.warmup, lengths=lengths, memory_method=memory.method,
         models=[dict(label=e.label, arch=e.arch, params=sum(p.numel() for p in e.model.parameters()),
-                     ttt_impls=[i for i in e.impls if i], config=e.model.config.to_diff_dict()) for e in entries],
+                     ttt_impls=[i for i in e.impls if i], fast_kernels=fast_kernels(e.arch),
+                     config=e.model.config.to_diff_dict()) for e in entries],
         results=rows)
     title = f"ttt-eval speed: {args.dtype} on {device_name}, batch {args.batch_size}"
     csv_path = args.csv or common.default_path(args.output, ".csv")
