@@ -257,7 +257,8 @@ def default_impls(device: torch.device) -> list[str]:
 
 
 def check_impls(impls: list[str], device: torch.device) -> list[str]:
-    """`impls` resolved on `device` ("auto" becomes what it picks), or a `EvaluationError` naming one that cannot run."""
+    """`impls` resolved on `device` ("auto" becomes what it picks), or an `EvaluationError` naming one that cannot
+    run."""
     from modeling_ttt.ops import TTT_IMPLEMENTATIONS, resolve_ttt_impl
 
     resolved = []
@@ -294,7 +295,8 @@ def _load_folder(path: str, dtype: torch.dtype, device: torch.device) -> torch.n
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     except Exception as error:  # any failure to build the model is the folder's problem, named in one line
         message = " ".join(str(error).split())[:300]
-        raise EvaluationError(f"cannot load a causal LM from {str(path)!r}: {type(error).__name__}: {message}") from None
+        raise EvaluationError(f"cannot load a causal LM from {str(path)!r}: {type(error).__name__}: "
+                              f"{message}") from None
     return model.to(device).eval()
 
 

@@ -1,26 +1,29 @@
-"""`ttt-eval state`: what the inner models of a TTT model do along a long stream — the size of the inner weights and
-the inner (TTT) loss by position, per layer and head — to see the state explode or collapse past the training length.
+"""`ttt-eval state`: what the inner models of a TTT model do along a long stream — the size of the inner weights
+and the inner (TTT) loss by position, per layer and head — to see the state explode or collapse past the training
+length.
 
-    ttt-eval state --model runs/ttt --data corpus/ --tokens 16384 --output-dir out/
+    ttt-eval state --model runs/ttt --data corpus/ --tokens 16384 --output out/state.json
 
 The stream — the first `--tokens` tokens of the selected documents (`common.py`'s rule: `--data`, the validation
-side of the training split when the folder records one, each document starting with the BOS token) joined one after
-the other, or with `--single-document` the first document that long alone — is fed through the recurrent
-`TTTCache` in chunks of whole mini-batches (`--chunk-size`). For every mini-batch `i` (tokens `i·M … i·M+M−1`) and every
-layer and head this records
+side of the training split when the folder records one, each document starting with the BOS token) joined one
+after the other, or with `--single-document` the first document that long alone — is fed through the recurrent
+`TTTCache` in chunks of whole mini-batches (`--chunk-size`). For every mini-batch `i` (tokens `i·M … i·M+M−1`)
+and every layer and head this records
 
 * the state the mini-batch starts from, `W_prev` (the weights after the `i·M` tokens before it): `‖W1‖_F` (and
   `‖W2‖_F` for TTT-MLP) and the relative change from the learned initial weights `‖W1 − W1₀‖_F / ‖W1₀‖_F`;
-* the self-supervised reconstruction loss of the mini-batch's tokens (Eq. 4 of Sun et al. 2024, with the inner
-  LayerNorm of Sec. 2.7, as `modeling_ttt.ops.naive` defines it: `ℓ_t(W) = ½‖LN(f(x_k,t; W)) − (x_v,t − x_k,t)‖²`)
-  at three weights: `loss_init` at the learned `W₀`, `loss_prev` at `W_prev` (before this mini-batch's step) and
-  `loss_after` at the weights after its step, `W_prev − s_{M−1} Σ_j η_j ∇ℓ_j(W_prev)` (Sec. 2.5: every gradient
-  of a mini-batch is taken at `W_prev`). `loss_prev ≤ loss_init` says the state learned something useful from the
-  past; `loss_after < loss_prev` that the step descends.
+* the self-supervised reconstruction loss of the mini-batch's tokens (Eq. 4 of Sun et al. 2024 with the inner
+  LayerNorm of Sec. 2.7, as `modeling_ttt.ops.naive` defines it:
+  `ℓ_t(W) = ½‖LN(f(x_k,t; W)) − (x_v,t − x_k,t)‖²`) at three weights: `loss_init` at the learned `W₀`,
+  `loss_prev` at `W_prev` (before this mini-batch's step) and `loss_after` at the weights after its step,
+  `W_prev − s_{M−1} Σ_j η_j ∇ℓ_j(W_prev)` (Sec. 2.5: every gradient of a mini-batch is taken at `W_prev`).
+  `loss_prev < loss_init` says the state learned something useful from the past; `loss_after < loss_prev` that
+  the step descends.
 
 These are the diagnostics the official JAX trainer plots per layer (the same three weights); it evaluates them on
-the last token of each mini-batch only and as a mean over channels of the squared error. Here the loss is the
-spec's and, by default, the mean over the mini-batch's tokens (`--loss-tokens last`: its last token, as the trainer).
+the last token of each mini-batch only, as a mean over channels of the squared error, and also logs the spread of
+the reconstruction target around its mean (not recorded here). Here the loss is the spec's and, by default, the
+mean over the mini-batch's tokens (`--loss-tokens last`: its last token, as the trainer does).
 
 How: the probe (`InnerLoopProbe`) wraps each layer's inner-loop op for the duration of the run (a forward pre-hook
 swaps the op the model passes to the layer), so it sees exactly what the op gets — `x_k`, `x_v` after the
@@ -51,7 +54,8 @@ DTYPES = {name: common.DTYPES[name] for name in ("float32", "bfloat16", "float16
 
 
 def inner_loss(weights, xk: torch.Tensor, xv: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor):
-    """Per-token reconstruction loss `ℓ_t(W) = ½‖LN(f(x_k,t; W)) − (x_v,t − x_k,t)‖²` (`ops/naive.py`), `[..., L]`.
+    """Per-token reconstruction loss `ℓ_t(W) = ½‖LN(f(x_k,t; W)) − (x_v,t − x_k,t)‖²` (`ops/naive.py`),
+    `[..., L]`.
 
     weights: `(W1, b1[, W2, b2])`, broadcastable against `xk`, `xv` (`[B, H, L, d]`); ln_*: `[H, 1, d]`."""
     from modeling_ttt.ops.naive import inner_model, layer_norm
@@ -69,6 +73,7 @@ def mini_batch_diagnostics(initial_weights, xk, xv, inner_lr, params, state, los
     from modeling_ttt.ops.naive import loss_grads_per_token, weighted_grad_sum
     from modeling_ttt.ops.state import in_inner_dtype
 
+    # the inner loop's precision (ops/state.py): float32 for 16-bit models; xk stands in for the unused xq
     _, xk, xv, inner_lr, params, state = in_inner_dtype(xk, xk, xv, inner_lr, params, state)
     mini_batch_size = params.token_scale.shape[0]
     if bool((state.seen % mini_batch_size != 0).any()):
@@ -120,9 +125,9 @@ class InnerLoopProbe:
 
     def _wrap(self, layer, op):
         def probed_op(xq, xk, xv, inner_lr, params, state, num_tokens=None):
-            result = op(xq, xk, xv, inner_lr, params, state, num_tokens)
             if num_tokens is not None:
                 raise ValueError("the probe takes unpadded streams (num_tokens=None)")
+            result = op(xq, xk, xv, inner_lr, params, state, num_tokens)
             with torch.no_grad():
                 record, self.last_weights[layer.layer_idx] = mini_batch_diagnostics(
                     layer.inner_weights(), xk, xv, inner_lr, params, state, self.loss_tokens)
@@ -195,7 +200,8 @@ def _finite_or_none(value: float):
 
 
 def build_outputs(metrics: dict[int, dict[str, torch.Tensor]], indices: list[int], mini_batch_size: int):
-    """(JSON layers, CSV rows): per layer and head, and per (layer, position) with heads averaged (row 0 of the batch)."""
+    """(JSON layers, CSV rows): per layer and head, and per (layer, position) with heads averaged (the stream is
+    row 0 of the batch)."""
     layers, rows = [], []
     for layer_idx in sorted(metrics):
         values = {name: tensor[indices, 0].float() for name, tensor in metrics[layer_idx].items()}  # [P, H]
@@ -229,7 +235,8 @@ def plot(rows: list[dict], mini_batch_size: int, title: str):
     def column(layer, key):
         return np.array([np.nan if r[key] is None else r[key] for r in by_layer[layer]], dtype=float)
 
-    titles = {"norm_W1": "‖W1‖_F of the state (mean over heads)", "norm_W2": "‖W2‖_F of the state (mean over heads)",
+    titles = {"norm_W1": "‖W1‖_F of the state (mean over heads)",
+              "norm_W2": "‖W2‖_F of the state (mean over heads)",
               "change_W1": "‖W1 − W1₀‖_F / ‖W1₀‖_F (mean over heads)"}
     for axis, key in zip(axes, norm_names + ["change_W1"]):
         for color, layer in zip(colors, layer_ids):
