@@ -169,7 +169,7 @@ def test_probe_follows_the_cache_and_starts_at_the_learned_weights(layer_type):
 def test_inner_step_reduces_the_inner_loss():
     # TTT-Linear, base lr 4: a small enough step that one gradient step on the mini-batch descends its own loss
     model = tiny_model("linear", "transformer", ttt_base_lr=4.0, ttt_impl="torch")
-    input_ids = torch.randint(0, 97, (1, 128), generator=torch.Generator().manual_seed(0))
+    input_ids = torch.randint(0, 97, (1, 64), generator=torch.Generator().manual_seed(0))
     metrics, _, _ = stream_state_statistics(model, input_ids, chunk_size=32)
     for values in metrics.values():
         assert values["loss_after"].mean() < values["loss_prev"].mean()
