@@ -33,6 +33,7 @@ default beside it) and the plot (`--plot`, default beside it), written together 
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import platform
@@ -40,6 +41,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -229,10 +231,14 @@ def tensor_bytes(obj) -> int:
 
 
 @dataclass
-class ModelEntry:
+class ModelSpec:
+    """A model of the run, built only when its turn comes (`build()`) and freed after it, so that no other model's
+    weights count in its memory figures."""
+
     label: str
     arch: str  # "ttt", "llama", "mamba2" or another model_type
-    model: torch.nn.Module
+    config: object  # its transformers config (checked before anything is measured)
+    build: Callable[[], torch.nn.Module]
     impls: list[str] = field(default_factory=lambda: [""])  # TTT backends to run ("" for other models)
 
 
@@ -284,59 +290,73 @@ def fast_kernels(arch: str) -> bool | None:
     return bool(is_mamba_2_ssm_available() and is_causal_conv1d_available())
 
 
-def _load_folder(path: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+def _folder_spec(path: str, label: str, dtype: torch.dtype, device: torch.device, impls: list[str]) -> ModelSpec:
     import modeling_ttt  # noqa: F401  (registers TTT with the auto classes)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = common.check_model_folder(path)  # no tokenizer needed: the inputs are random ids
     try:
         config = AutoConfig.from_pretrained(folder)
+    except Exception as error:  # an unreadable config.json: the folder's problem, in one line
+        raise EvaluationError(f"cannot read the config of {str(path)!r}: {type(error).__name__}") from None
+
+    def build():
         kwargs = {"attn_implementation": "sdpa"} if config.model_type == "llama" else {}
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
-    except Exception as error:  # any failure to build the model is the folder's problem, named in one line
-        message = " ".join(str(error).split())[:300]
-        raise EvaluationError(f"cannot load a causal LM from {str(path)!r}: {type(error).__name__}: "
-                              f"{message}") from None
-    return model.to(device).eval()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+        except Exception as error:  # any failure to build the model is the folder's problem, named in one line
+            message = " ".join(str(error).split())[:300]
+            raise EvaluationError(f"cannot load a causal LM from {str(path)!r}: {type(error).__name__}: "
+                                  f"{message}") from None
+        return model.to(device).eval()
+
+    arch = config.model_type
+    return ModelSpec(label, arch, config, build, list(impls) if arch == "ttt" else [""])
 
 
-def build_models(args, device: torch.device, dtype: torch.dtype, impls: list[str]) -> list[ModelEntry]:
-    """The models of the run, in order: `--model` folders, `--preset` TTT models, then `--baseline` models."""
+def model_specs(args, device: torch.device, dtype: torch.dtype, impls: list[str]) -> list[ModelSpec]:
+    """The models of the run, in order: `--model` folders, `--preset` TTT models, then `--baseline` models sized to
+    the first TTT model (parameter counts from the configs, on the meta device)."""
+    from transformers import AutoModelForCausalLM
+
     from modeling_ttt import PRESET_NAMES, TTTConfig, TTTForCausalLM
 
-    entries = []
+    specs = []
     for index, path in enumerate(args.model):
-        label = args.label[index] if index < len(args.label) else Path(path).name
-        model = _load_folder(path, dtype, device)
-        arch = model.config.model_type
-        entries.append(ModelEntry(label, arch, model, list(impls) if arch == "ttt" else [""]))
+        label = args.label[index] if args.label else Path(path).name or str(path)
+        specs.append(_folder_spec(path, label, dtype, device, impls))
     for name in args.preset:
-        torch.manual_seed(args.seed)
+        if name not in PRESET_NAMES:
+            raise EvaluationError(f"--preset {name!r} is not one of {', '.join(PRESET_NAMES)}")
         config = TTTConfig.from_preset(name)
-        entries.append(ModelEntry(f"ttt-{name}", "ttt", TTTForCausalLM(config).to(device=device, dtype=dtype).eval(),
-                                  list(impls)))
+
+        def build(config=config):
+            torch.manual_seed(args.seed)
+            return TTTForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+        specs.append(ModelSpec(f"ttt-{name}", "ttt", config, build, list(impls)))
     if args.baseline:
-        reference = next((e.model for e in entries if e.arch == "ttt"), None)
+        reference = next((spec.config for spec in specs if spec.arch == "ttt"), None)
         if reference is None:
             raise EvaluationError("--baseline needs a TTT model to match in size (--preset or a TTT --model folder)")
-        ttt_config = reference.config
-        target = sum(p.numel() for p in reference.parameters())
+        target = count_parameters(reference)
         for arch in args.baseline:
-            config = baseline_config(arch, target, ttt_config.vocab_size, hidden_size=ttt_config.hidden_size,
-                                     head_dim=ttt_config.hidden_size // ttt_config.num_attention_heads,
-                                     intermediate_ratio=ttt_config.intermediate_size / ttt_config.hidden_size,
-                                     tie_word_embeddings=ttt_config.tie_word_embeddings,
+            config = baseline_config(arch, target, reference.vocab_size, hidden_size=reference.hidden_size,
+                                     head_dim=reference.hidden_size // reference.num_attention_heads,
+                                     intermediate_ratio=reference.intermediate_size / reference.hidden_size,
+                                     tie_word_embeddings=reference.tie_word_embeddings,
                                      max_position_embeddings=max(max(args.lengths) * 2, 2048),
                                      tolerance=args.size_tolerance)
-            from transformers import AutoModelForCausalLM
 
-            torch.manual_seed(args.seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
-            entries.append(ModelEntry(arch, arch, model))
-    if not entries:
+            def build(config=config):
+                torch.manual_seed(args.seed)
+                return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+
+            specs.append(ModelSpec(arch, arch, config, build))
+    if not specs:
         raise EvaluationError(f"nothing to measure: give --model PATH, --preset NAME ({', '.join(PRESET_NAMES)}) "
-                         "and/or --baseline")
-    return entries
+                              "and/or --baseline")
+    return specs
 
 
 # -- measurements ------------------------------------------------------------------------------------------------
@@ -489,36 +509,44 @@ def run(args: argparse.Namespace) -> int:
     impls = check_impls(args.ttt_impl.split(","), device) if args.ttt_impl else default_impls(device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    entries = build_models(args, device, DTYPES[args.dtype], impls)
+    specs = model_specs(args, device, DTYPES[args.dtype], impls)  # every input checked before any measurement
 
     memory = PeakMemory(device)
     lengths = sorted(set(args.lengths))
-    rows = []
-    points = [(entry, impl, length) for entry in entries for impl in entry.impls for length in lengths]
-    warmed_up = set()
-    for entry, impl, length in common.progress(points, enabled=not args.no_progress, desc="speed"):
-        if impl:
-            entry.model.config.ttt_impl = impl  # the layers resolve the backend from the config at every forward
-        if args.warmup and (entry.label, impl) not in warmed_up:
-            # one untimed point first: lazy work of a model's first calls (kernel builds and loads, allocator
-            # growth, first-call dispatch) must not land in the first length's numbers
-            measure(entry.model, lengths[0], args, device, memory)
-            warmed_up.add((entry.label, impl))
-        result = measure(entry.model, length, args, device, memory)
-        rows.append(dict(label=entry.label, arch=entry.arch, ttt_impl=impl,
-                         params=sum(p.numel() for p in entry.model.parameters()), device=str(device),
-                         dtype=args.dtype, batch=args.batch_size, length=length,
-                         weights_mib=tensor_bytes(dict(entry.model.named_parameters())) / 2**20,
-                         memory_method=memory.method, **result))
+    rows, models = [], []
+    bar = common.progress(total=sum(len(spec.impls) for spec in specs) * len(lengths), enabled=not args.no_progress,
+                          desc="speed")
+    for spec in specs:
+        model = spec.build()
+        params = sum(p.numel() for p in model.parameters())
+        weights_mib = tensor_bytes(dict(model.named_parameters())) / 2**20
+        models.append(dict(label=spec.label, arch=spec.arch, params=params, ttt_impls=[i for i in spec.impls if i],
+                           fast_kernels=fast_kernels(spec.arch), config=model.config.to_diff_dict()))
+        for impl in spec.impls:
+            if impl:
+                model.config.ttt_impl = impl  # the layers resolve the backend from the config at every forward
+            if args.warmup:
+                # one untimed point first: lazy work of a model's first calls (kernel builds and loads, allocator
+                # growth, first-call dispatch) must not land in the first length's numbers
+                measure(model, lengths[0], args, device, memory)
+            for length in lengths:
+                result = measure(model, length, args, device, memory)
+                rows.append(dict(label=spec.label, arch=spec.arch, ttt_impl=impl, params=params, device=str(device),
+                                 dtype=args.dtype, batch=args.batch_size, length=length, weights_mib=weights_mib,
+                                 memory_method=memory.method, **result))
+                bar.update(1)
+        del model  # before the next model is built: its weights must not count in the next one's memory
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    bar.close()
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     results = dict(
         command="ttt-eval speed", device=str(device), device_name=device_name, dtype=args.dtype,
         threads=torch.get_num_threads(), torch=torch.__version__, batch_size=args.batch_size, repeats=args.repeats,
         decode_tokens=args.decode_tokens, warmup=args.warmup, lengths=lengths, memory_method=memory.method,
-        models=[dict(label=e.label, arch=e.arch, params=sum(p.numel() for p in e.model.parameters()),
-                     ttt_impls=[i for i in e.impls if i], fast_kernels=fast_kernels(e.arch),
-                     config=e.model.config.to_diff_dict()) for e in entries],
+        models=models,
         results=rows)
     title = f"ttt-eval speed: {args.dtype} on {device_name}, batch {args.batch_size}"
     csv_path = args.csv or common.default_path(args.output, ".csv")
