@@ -97,10 +97,23 @@ def _one_line(error: BaseException) -> str:
 
 
 def load_model_and_tokenizer(path: str | os.PathLike[str], dtype: str | torch.dtype = "float32",
-                             device: str | torch.device | None = "cpu", trust_remote_code: bool = False):
+                             device: str | torch.device | None = "cpu", trust_remote_code: bool = False,
+                             show_progress: bool = True):
     """`(model, tokenizer)` from a folder written by `save_pretrained`: any `AutoModelForCausalLM` (TTT, Llama,
     Mamba2, ...) and the tokenizer saved beside it, in eval mode on `device`. An `EvaluationError` if the folder is
-    missing, is not a model folder, or has no tokenizer."""
+    missing, is not a model folder, or has no tokenizer. `show_progress=False` hides transformers' loading bar."""
+    from transformers.utils import logging as transformers_logging
+
+    if show_progress or not transformers_logging.is_progress_bar_enabled():
+        return _load_model_and_tokenizer(path, dtype, device, trust_remote_code)
+    transformers_logging.disable_progress_bar()
+    try:
+        return _load_model_and_tokenizer(path, dtype, device, trust_remote_code)
+    finally:
+        transformers_logging.enable_progress_bar()
+
+
+def _load_model_and_tokenizer(path, dtype, device, trust_remote_code):
     import modeling_ttt  # noqa: F401  (registers model_type "ttt" with the auto classes)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -299,7 +312,12 @@ def process_state(cpu: bool = False):
     """accelerate's `PartialState` for this process: one process when run plainly, several under
     `accelerate launch`."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
+    # PartialState itself does not read ACCELERATE_USE_CPU (only AcceleratorState does), and without cpu=True
+    # several processes on a machine with no GPU would each run alone: ask for the CPU backend (gloo) then
+    several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = cpu or parse_flag_from_env("ACCELERATE_USE_CPU") or (several_processes and not torch.cuda.is_available())
     return PartialState(cpu=cpu)
 
 
@@ -310,7 +328,9 @@ def resolve_device(requested: str | None, state=None) -> torch.device:
             return torch.device(requested)
         except (RuntimeError, TypeError) as error:
             raise EvaluationError(f"bad --device {requested!r}: {_one_line(error)}") from error
-    return (state or process_state()).device
+    device = (state or process_state()).device
+    # accelerate names the CPU of a multi-process CPU run "cpu:0"; it is the one CPU device either way
+    return torch.device("cpu") if device.type == "cpu" else device
 
 
 def shard(items: Sequence, state=None) -> list:

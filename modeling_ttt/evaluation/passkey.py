@@ -139,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
     lengths, depths = sorted(set(args.lengths)), sorted(set(args.depths))
     state = common.process_state()
     device = common.resolve_device(args.device, state)
-    model, tokenizer = common.load_model_and_tokenizer(args.model, args.dtype, device, args.trust_remote_code)
+    model, tokenizer = common.load_model_and_tokenizer(args.model, args.dtype, device, args.trust_remote_code,
+                                                      not args.no_progress)
     limit = common.max_positions(model)
     jobs = [(length, depth, trial, key) for length in lengths for depth in depths
             for trial, key in enumerate(passkey_keys(args.seed, length, depth, args.trials))]

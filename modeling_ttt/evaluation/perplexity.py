@@ -59,7 +59,8 @@ def score_documents(model, documents, plan, state, show_progress=True) -> list[d
 def run(args: argparse.Namespace) -> int:
     state = common.process_state()
     device = common.resolve_device(args.device, state)
-    model, tokenizer = common.load_model_and_tokenizer(args.model, args.dtype, device, args.trust_remote_code)
+    model, tokenizer = common.load_model_and_tokenizer(args.model, args.dtype, device, args.trust_remote_code,
+                                                      not args.no_progress)
     selection = common.DocumentSelection.from_args(args, args.model)
     plan = scoring_plan(model, args.window, args.stride, args.chunk_size)
     documents = common.tokenized_documents(selection, tokenizer)

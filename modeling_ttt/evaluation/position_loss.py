@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
 
     scored = []
     for path, label in zip(args.models, labels):
-        model, tokenizer = common.load_model_and_tokenizer(path, args.dtype, device, args.trust_remote_code)
+        model, tokenizer = common.load_model_and_tokenizer(path, args.dtype, device, args.trust_remote_code,
+                                                      not args.no_progress)
         plan = scoring_plan(model, args.window, args.stride, args.chunk_size)
         documents = common.tokenized_documents(selection, tokenizer)
         records = score_documents(model, documents, plan, state, not args.no_progress)
