@@ -498,7 +498,10 @@ def _check_args(args) -> torch.device:
                               "none")
     if os.environ.get("TTT_IMPL"):
         raise EvaluationError("the TTT_IMPL environment variable would override every --ttt-impl; unset it")
-    device = common.resolve_device(args.device)
+    state = common.process_state()
+    if state.num_processes > 1:  # several processes would time each other
+        raise EvaluationError("ttt-eval speed runs in one process; run it without accelerate launch")
+    device = common.resolve_device(args.device, state)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EvaluationError(f"--device {args.device}: CUDA is not available here")
     return device

@@ -399,7 +399,10 @@ def _prepare(args):
         raise EvaluationError("--every must be at least 1.")
     if args.tokens is not None and args.tokens < 1:
         raise EvaluationError("--tokens must be at least 1.")
-    device = common.resolve_device(args.device)
+    state = common.process_state()
+    if state.num_processes > 1:  # one stream: nothing to share out
+        raise EvaluationError("ttt-eval state runs in one process; run it without accelerate launch.")
+    device = common.resolve_device(args.device, state)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EvaluationError(f"--device {args.device}: CUDA is not available here.")
     model = load_model(args, device, DTYPES[args.dtype])
