@@ -220,6 +220,7 @@ def build_outputs(metrics: dict[int, dict[str, torch.Tensor]], indices: list[int
 
 def plot(rows: list[dict], mini_batch_size: int, title: str):
     """The figure: the state's norms and change, and the three inner losses, against the position (log x)."""
+    import matplotlib.ticker
     import numpy as np
 
     plt = common.pyplot()
@@ -255,7 +256,8 @@ def plot(rows: list[dict], mini_batch_size: int, title: str):
     if len(layer_ids) <= 12:
         axes[0].legend(fontsize=7)
     for axis in axes:
-        axis.set_xscale("log")
+        axis.set_xscale("log", base=2)
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # unlabelled minor ticks: no clutter
         axis.set_xlabel("tokens seen at the end of the mini-batch")
         axis.grid(True, which="both", alpha=0.3)
     figure.suptitle(title, fontsize=9)
