@@ -95,13 +95,21 @@ def test_trainer_with_padded_batches(tokenizer, rows, tmp_path):
     assert all(not torch.equal(before[name], after[name]) for name in before)  # every parameter trains
 
 
-def _sgd_step(tokenizer, rows, tmp_path, name, **overrides) -> dict[str, torch.Tensor]:
+def _sgd_step(tokenizer, rows, tmp_path, name, collator=None, **overrides) -> dict[str, torch.Tensor]:
     """One plain SGD step (no clipping, no weight decay, no schedule), so the update is `-lr * gradient` exactly."""
     model = make_model(tokenizer)
     args = training_args(tmp_path / name, max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=0.0,
                          weight_decay=0.0, **overrides)
-    Trainer(model=model, args=args, train_dataset=rows, data_collator=padded_collator(tokenizer)).train()
+    Trainer(model=model, args=args, train_dataset=rows, data_collator=collator or padded_collator(tokenizer)).train()
     return parameters(model)
+
+
+def _expected_step(tokenizer, rows) -> dict[str, torch.Tensor]:
+    """Initial weights minus the gradient of the mean token loss over all `rows` in one padded batch (by hand)."""
+    model = make_model(tokenizer).train()
+    initial = parameters(model)
+    model(**padded_collator(tokenizer)(rows)).loss.backward()
+    return {name: initial[name] - param.grad for name, param in model.named_parameters()}
 
 
 def test_gradient_accumulation_equals_one_big_batch(tokenizer, rows, tmp_path):
@@ -110,18 +118,14 @@ def test_gradient_accumulation_equals_one_big_batch(tokenizer, rows, tmp_path):
                             gradient_accumulation_steps=2)
     one_batch = _sgd_step(tokenizer, rows, tmp_path, "one", per_device_train_batch_size=4,
                           gradient_accumulation_steps=1)
+    expected = _expected_step(tokenizer, rows)
 
-    # the reference: the gradient of the mean token loss over all 4 rows, computed by hand
-    model = make_model(tokenizer)
+    model = make_model(tokenizer).train()
     initial = parameters(model)
     collator = padded_collator(tokenizer)
-    model.train()
-    model(**collator(rows)).loss.backward()
-    expected = {name: initial[name] - param.grad for name, param in model.named_parameters()}
 
     # what the accumulation would give if every micro-batch's loss were its own mean (no num_items_in_batch): the
     # two micro-batches hold different numbers of tokens, so that is a different gradient, and the check can tell
-    model.zero_grad()
     for micro in (rows[:2], rows[2:]):
         (model(**collator(micro)).loss / 2).backward()
     per_micro_mean = {name: initial[name] - param.grad for name, param in model.named_parameters()}
@@ -131,6 +135,53 @@ def test_gradient_accumulation_equals_one_big_batch(tokenizer, rows, tmp_path):
     for name in expected:
         torch.testing.assert_close(one_batch[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
         torch.testing.assert_close(accumulated[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _packing_supported() -> bool:
+    try:
+        import modeling_ttt.packing  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_packing = pytest.mark.skipif(not _packing_supported(), reason="this modeling_ttt has no packed-row support "
+                                   "(position ids restarting at 0) yet")
+
+
+@needs_packing
+def test_packed_rows_give_the_loss_and_the_step_of_padded_rows(tokenizer, rows, tmp_path):
+    from transformers import DataCollatorWithFlattening
+
+    rows = rows[:4]
+    packed = DataCollatorWithFlattening()(rows)
+    assert packed["input_ids"].shape == (1, sum(len(row["input_ids"]) for row in rows))
+    model = make_model(tokenizer).eval()
+    with torch.no_grad():
+        packed_loss = model(**packed).loss
+        padded_loss = model(**padded_collator(tokenizer)(rows)).loss
+    # every document starts from the initial TTT state, and the first label of each is masked: the same targets
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-6)
+
+    # the accumulated step of packed micro-batches equals the step of one padded batch
+    accumulated = _sgd_step(tokenizer, rows, tmp_path, "packed", collator=DataCollatorWithFlattening(),
+                            per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    expected = _expected_step(tokenizer, rows)
+    for name in expected:
+        torch.testing.assert_close(accumulated[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@needs_packing
+def test_trainer_with_packed_rows(tokenizer, rows, tmp_path):
+    from transformers import DataCollatorWithFlattening
+
+    model = make_model(tokenizer)
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=4), train_dataset=rows,
+                      data_collator=DataCollatorWithFlattening())
+    trainer.train()
+    losses = train_losses(trainer)
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
+    assert min(losses[2:]) < losses[0] - 0.2
 
 
 def test_forward_passes_num_items_in_batch_to_the_loss(tokenizer, rows):
