@@ -101,35 +101,34 @@ class TTTPeftModelForCausalLM(PeftModelForCausalLM):
     #: whether save_pretrained writes the TTT parameters (set by get_ttt_peft_model / load_ttt_peft_model)
     saves_ttt_parameters: bool = False
 
-    def save_pretrained(self, save_directory: str, *args, **kwargs):
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if not self.saves_ttt_parameters or not kwargs.get("is_main_process", True):
+    def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
+                        selected_adapters: list[str] | None = None, is_main_process: bool = True, **kwargs):
+        """[`PeftModel.save_pretrained`], then the TTT parameters added to each saved adapter's weights file (where
+        they train: `saves_ttt_parameters`)."""
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization,
+                                selected_adapters=selected_adapters, is_main_process=is_main_process, **kwargs)
+        if not self.saves_ttt_parameters or not is_main_process:
             return
         tensors = {key: param.detach().contiguous() for key, param in ttt_parameters(self).items()}
-        selected = kwargs.get("selected_adapters") or list(self.peft_config)
-        for adapter_name in selected:
+        for adapter_name in selected_adapters or list(self.peft_config):
             # PEFT writes the adapter named "default" at the top and the others in subfolders named after them
             folder = save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
-            _add_to_adapter_file(folder, tensors)
+            _add_to_adapter_file(folder, tensors, safe_serialization)
 
 
-def _add_to_adapter_file(folder: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Add `tensors` to the adapter weights file PEFT wrote in `folder` (safetensors, or the pickle of
+def _add_to_adapter_file(folder: str, tensors: dict[str, torch.Tensor], safe_serialization: bool) -> None:
+    """Add `tensors` to the adapter weights file PEFT has just written in `folder` (safetensors, or the pickle of
     `safe_serialization=False`)."""
-    path = os.path.join(folder, ADAPTER_SAFETENSORS)
-    if os.path.exists(path):
+    path = os.path.join(folder, ADAPTER_SAFETENSORS if safe_serialization else ADAPTER_BIN)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"PEFT wrote no {os.path.basename(path)} in {folder} to add the TTT parameters to.")
+    tensors = {key: tensor.cpu() for key, tensor in tensors.items()}
+    if safe_serialization:
         from safetensors.torch import load_file, save_file
 
-        state_dict = load_file(path)
-        state_dict.update({key: tensor.cpu() for key, tensor in tensors.items()})
-        save_file(state_dict, path, metadata={"format": "pt"})
-        return
-    path = os.path.join(folder, ADAPTER_BIN)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"No {ADAPTER_SAFETENSORS} or {ADAPTER_BIN} in {folder} to add the TTT parameters to.")
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    state_dict.update({key: tensor.cpu() for key, tensor in tensors.items()})
-    torch.save(state_dict, path)
+        save_file({**load_file(path), **tensors}, path, metadata={"format": "pt"})
+    else:
+        torch.save({**torch.load(path, map_location="cpu", weights_only=True), **tensors}, path)
 
 
 def _set_ttt_parameters_trainable(peft_model: TTTPeftModelForCausalLM) -> None:

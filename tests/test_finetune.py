@@ -314,3 +314,24 @@ def test_adapter_only_training_leaves_the_ttt_parameters_and_saves_none(tokenize
 
     with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), framework="pt") as file:
         assert all(".lora_" in key for key in file.keys())
+
+
+def test_pickle_adapter_files_and_named_adapters_hold_the_ttt_parameters(tokenizer, tmp_path):
+    base_folder = tmp_path / "base"
+    make_model(tokenizer).save_pretrained(base_folder)
+    peft_model = get_ttt_peft_model(TTTForCausalLM.from_pretrained(base_folder),
+                                    ttt_lora_config(tiny_config(), r=4, init_lora_weights=False),
+                                    adapter_name="mine")
+    with torch.no_grad():  # stand-ins for training: new TTT parameters
+        for param in ttt_parameters(peft_model).values():
+            param.add_(0.05 * torch.randn_like(param))
+    probe = torch.arange(3, 23).view(1, -1)
+    expected = _logits(peft_model.eval(), probe)
+    peft_model.save_pretrained(str(tmp_path / "adapters"), safe_serialization=False)
+    folder = tmp_path / "adapters" / "mine"  # PEFT's place for an adapter not named "default"
+    assert (folder / "adapter_model.bin").exists() and not (folder / "adapter_model.safetensors").exists()
+    reloaded = PeftModel.from_pretrained(TTTForCausalLM.from_pretrained(base_folder), str(folder)).eval()
+    torch.testing.assert_close(_logits(reloaded, probe), expected, rtol=0, atol=0)
+    ours = load_ttt_peft_model(TTTForCausalLM.from_pretrained(base_folder), str(folder))
+    assert ours.saves_ttt_parameters
+    torch.testing.assert_close(_logits(ours.eval(), probe), expected, rtol=0, atol=0)
