@@ -84,13 +84,13 @@ def parameters(model) -> dict[str, torch.Tensor]:
 def test_trainer_with_padded_batches(tokenizer, rows, tmp_path):
     model = make_model(tokenizer)
     before = parameters(model)
-    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=6), train_dataset=rows,
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=4, learning_rate=2e-2), train_dataset=rows,
                       data_collator=padded_collator(tokenizer))
     trainer.train()
     losses = train_losses(trainer)
-    assert len(losses) == 6 and all(math.isfinite(loss) for loss in losses)
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
     assert losses[0] == pytest.approx(math.log(VOCAB_SIZE), rel=0.1)  # a random model: about uniform
-    assert min(losses[3:]) < losses[0] - 0.3  # it learns (two epochs over 8 rows)
+    assert min(losses[2:]) < losses[0] - 0.3  # it learns (two epochs over 8 rows)
     after = parameters(model)
     assert all(not torch.equal(before[name], after[name]) for name in before)  # every parameter trains
 
@@ -176,12 +176,12 @@ def test_trainer_with_packed_rows(tokenizer, rows, tmp_path):
     from transformers import DataCollatorWithFlattening
 
     model = make_model(tokenizer)
-    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=4), train_dataset=rows,
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=4, learning_rate=2e-2), train_dataset=rows,
                       data_collator=DataCollatorWithFlattening())
     trainer.train()
     losses = train_losses(trainer)
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
-    assert min(losses[2:]) < losses[0] - 0.2
+    assert min(losses[2:]) < losses[0] - 0.3
 
 
 def test_forward_passes_num_items_in_batch_to_the_loss(tokenizer, rows):
@@ -198,7 +198,7 @@ def test_bf16_on_the_cpu_is_finite_and_close_to_float32(tokenizer, rows, tmp_pat
     losses = {}
     for name, bf16 in (("fp32", False), ("bf16", True)):
         model = make_model(tokenizer)
-        trainer = Trainer(model=model, args=training_args(tmp_path / name, bf16=bf16, max_steps=2), train_dataset=rows,
+        trainer = Trainer(model=model, args=training_args(tmp_path / name, bf16=bf16, max_steps=1), train_dataset=rows,
                           data_collator=padded_collator(tokenizer))
         trainer.train()
         losses[name] = train_losses(trainer)
@@ -250,7 +250,7 @@ def test_lora_train_save_reload_merge_generate(tokenizer, rows, tmp_path, varian
     ttt_before = {name: param.detach().clone() for name, param in ttt_parameters(base).items()}
 
     peft_model = get_ttt_peft_model(base, ttt_lora_config(base, r=4, alpha=8))
-    trainer = Trainer(model=peft_model, args=training_args(tmp_path, max_steps=3, learning_rate=2e-2),
+    trainer = Trainer(model=peft_model, args=training_args(tmp_path, max_steps=2, learning_rate=2e-2),
                       train_dataset=rows, data_collator=padded_collator(tokenizer))
     trainer.train()
     assert all(math.isfinite(loss) for loss in train_losses(trainer))
@@ -304,7 +304,7 @@ def test_adapter_only_training_leaves_the_ttt_parameters_and_saves_none(tokenize
     model = make_model(tokenizer)
     before = {name: param.detach().clone() for name, param in ttt_parameters(model).items()}
     peft_model = get_ttt_peft_model(model, ttt_lora_config(model, r=4), train_ttt_parameters=False)
-    trainer = Trainer(model=peft_model, args=training_args(tmp_path, max_steps=2), train_dataset=rows,
+    trainer = Trainer(model=peft_model, args=training_args(tmp_path, max_steps=1), train_dataset=rows,
                       data_collator=padded_collator(tokenizer))
     trainer.train()
     for name, param in ttt_parameters(model).items():
