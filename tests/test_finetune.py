@@ -3,7 +3,6 @@ one big batch (`num_items_in_batch`), bf16 on the CPU, and PEFT LoRA with the TT
 adapter (save, reload, merge, generate)."""
 
 import math
-import os
 
 import pytest
 import torch
@@ -25,11 +24,19 @@ from modeling_ttt.peft import (  # noqa: E402
     ttt_parameters,
 )
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 VOCAB_SIZE = 300
 #: row lengths of the training data: different, so that padding and the token counts of any two micro-batches of
 #: the first four rows differ
 ROW_LENGTHS = (37, 12, 9, 20, 33, 16, 25, 40)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Nothing here may reach the Hub (PEFT looks up a base model's config there when it is not a local folder)."""
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 @pytest.fixture(scope="module")
