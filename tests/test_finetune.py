@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+from transformers import DataCollatorForLanguageModeling, DataCollatorWithFlattening, Trainer, TrainingArguments
 
 from conftest import tiny_config
 from modeling_ttt import TTTForCausalLM
@@ -144,22 +144,7 @@ def test_gradient_accumulation_equals_one_big_batch(tokenizer, rows, tmp_path):
         torch.testing.assert_close(accumulated[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def _packing_supported() -> bool:
-    try:
-        import modeling_ttt.packing  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_packing = pytest.mark.skipif(not _packing_supported(), reason="this modeling_ttt has no packed-row support "
-                                   "(position ids restarting at 0) yet")
-
-
-@needs_packing
 def test_packed_rows_give_the_loss_and_the_step_of_padded_rows(tokenizer, rows, tmp_path):
-    from transformers import DataCollatorWithFlattening
-
     rows = rows[:4]
     packed = DataCollatorWithFlattening()(rows)
     assert packed["input_ids"].shape == (1, sum(len(row["input_ids"]) for row in rows))
@@ -178,10 +163,7 @@ def test_packed_rows_give_the_loss_and_the_step_of_padded_rows(tokenizer, rows, 
         torch.testing.assert_close(accumulated[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-@needs_packing
 def test_trainer_with_packed_rows(tokenizer, rows, tmp_path):
-    from transformers import DataCollatorWithFlattening
-
     model = make_model(tokenizer)
     trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=4, learning_rate=2e-2), train_dataset=rows,
                       data_collator=DataCollatorWithFlattening())
@@ -249,7 +231,8 @@ def _logits(model, input_ids):
         return model(input_ids=input_ids).logits
 
 
-@pytest.mark.parametrize("variant", [("linear", "mamba"), ("mlp", "transformer")], ids=["linear-mamba", "mlp-transformer"])
+@pytest.mark.parametrize("variant", [("linear", "mamba"), ("mlp", "transformer")],
+                         ids=["linear-mamba", "mlp-transformer"])
 def test_lora_train_save_reload_merge_generate(tokenizer, rows, tmp_path, variant):
     base_folder = tmp_path / "base"
     make_model(tokenizer, *variant).save_pretrained(base_folder)
