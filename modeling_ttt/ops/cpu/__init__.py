@@ -76,7 +76,8 @@ def build_name() -> str:
     (`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions/<python>_<device>/`). It is keyed by everything
     that makes two builds differ — the CPU it is tuned for (`-march=native`), torch's version, the Python ABI, the
     compiler and its flags, and the source — so virtualenvs and machines sharing a home directory never rebuild or
-    load each other's builds."""
+    load each other's builds. The source file's location and torch's are in the key too: torch's build file
+    records both paths, so two checkouts (or virtualenvs) sharing one folder would rebuild it on every switch."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             cpu_flags = next((line for line in cpuinfo if line.startswith("flags")), "")
@@ -85,7 +86,8 @@ def build_name() -> str:
     with open(_SOURCE, "rb") as source:
         source_hash = hashlib.sha1(source.read()).hexdigest()
     key = [platform.machine(), platform.processor(), cpu_flags, torch.__version__, sys.implementation.cache_tag,
-           sysconfig.get_config_var("EXT_SUFFIX") or "", _compiler(), repr(_compile_flags()), source_hash]
+           sysconfig.get_config_var("EXT_SUFFIX") or "", _compiler(), repr(_compile_flags()), source_hash,
+           os.path.realpath(_SOURCE), os.path.realpath(os.path.dirname(torch.__file__))]
     return "modeling_ttt_cpu_" + hashlib.sha1("\n".join(key).encode()).hexdigest()[:12]
 
 
