@@ -78,7 +78,8 @@ def test_speed_rows_files_and_cache_sizes(folders, tmp_path):
 
 
 @pytest.mark.parametrize("impl", ["triton", "nonsense"])
-def test_speed_backend_that_cannot_run_here_is_an_error(folders, tmp_path, capsys, impl):
+def test_speed_backend_that_cannot_run_here_is_an_error(folders, tmp_path, capsys, monkeypatch, impl):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (the interpreter runs Triton kernels on the CPU)
     output = tmp_path / "speed.json"
     status = main(["speed", "--model", folders["linear"], "--ttt-impl", impl, "--lengths", "16", "--output",
                    str(output), "--no-progress", "--device", "cpu"])
