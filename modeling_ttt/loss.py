@@ -62,10 +62,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if needs_hidden_grad:
                 grad_hidden_counted[start : start + chunk] = torch.mm(grad_logits, weight)
             if needs_weight_grad:
-                if torch.is_autocast_enabled(h.device.type):
-                    grad_weight.add_(torch.mm(grad_logits.t(), h))  # addmm_ refuses autocast's dtype mix
-                else:
+                if grad_logits.dtype == h.dtype == grad_weight.dtype and not torch.is_autocast_enabled(h.device.type):
                     grad_weight.addmm_(grad_logits.t(), h)  # accumulated in place: no [V, C] temporary
+                else:  # 16-bit products (autocast or a 16-bit model), summed over the chunks in float32
+                    grad_weight.add_(torch.mm(grad_logits.t(), h))
         if needs_hidden_grad:
             grad_hidden = torch.zeros_like(hidden)
             grad_hidden.index_copy_(0, counted, grad_hidden_counted.to(hidden.dtype))
