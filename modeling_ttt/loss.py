@@ -111,6 +111,9 @@ def linear_cross_entropy(
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     targets = shift_labels.reshape(-1).to(hidden_states.device)
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    if not torch.is_grad_enabled():
+        # a Function's `needs_input_grad` ignores no_grad: detached inputs keep it from computing the gradients
+        hidden, weight = hidden.detach(), weight.detach()
     loss_sum = LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index)
     if num_items_in_batch is None:
         return loss_sum / (targets != ignore_index).sum()

@@ -4,11 +4,23 @@ model's forward choosing between the two."""
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from modeling_ttt import TTTConfig, TTTForCausalLM
 from modeling_ttt import loss as loss_module
 from modeling_ttt.loss import linear_cross_entropy
+
+
+class _CountProducts(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 def _inputs(batch=2, seq_len=37, hidden=24, vocab=301, seed=0, dtype=torch.float32):
@@ -92,6 +104,12 @@ def test_no_grad_and_frozen_head():
     with torch.no_grad():
         torch.testing.assert_close(linear_cross_entropy(hidden_states, weight, labels),
                                    _reference(hidden_states, weight, labels))
+    with torch.no_grad(), _CountProducts() as products:  # without autograd: the logits' product only
+        linear_cross_entropy(hidden_states, weight, labels)
+    assert products.count == 1
+    with _CountProducts() as products:  # with it: and the two gradient products, in the forward
+        linear_cross_entropy(hidden_states, weight, labels)
+    assert products.count == 3
     h = hidden_states.detach().clone().requires_grad_()
     linear_cross_entropy(h, weight.detach(), labels).backward()
     h_ref = hidden_states.detach().clone().requires_grad_()
