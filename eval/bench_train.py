@@ -56,7 +56,8 @@ def _build_ours(args):
     sys.path.insert(0, str(REPO))
     from modeling_ttt import TTTConfig, TTTForCausalLM
 
-    config = TTTConfig.from_preset(args.preset, scan_checkpoint_group_size=args.group)
+    overrides = {"num_hidden_layers": args.num_layers} if args.num_layers else {}
+    config = TTTConfig.from_preset(args.preset, scan_checkpoint_group_size=args.group, **overrides)
     return TTTForCausalLM(config), config
 
 
@@ -65,6 +66,8 @@ def _build_port(args):
     sys.path.insert(0, str(REPO))  # only for the preset's JSON, read without importing modeling_ttt
     with open(REPO / "configuration" / f"ttt-{args.preset}.json") as preset_file:
         preset = json.load(preset_file)
+    if args.num_layers:
+        preset["num_hidden_layers"] = args.num_layers
     spec = importlib.util.spec_from_file_location("official_ttt", args.official_port)
     port = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(port)
@@ -134,7 +137,7 @@ def run_worker(python: str, side: str, args) -> dict:
     command = [python, str(Path(__file__).resolve()), "--worker", side, "--preset", args.preset,
                "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--group", str(args.group),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--optimizer", args.optimizer,
-               "--autocast", args.autocast, "--threads", str(args.threads)]
+               "--autocast", args.autocast, "--threads", str(args.threads), "--num-layers", str(args.num_layers)]
     if side == "port":
         command += ["--official-port", args.official_port]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
@@ -150,6 +153,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--group", type=int, default=0, help="scan_checkpoint_group_size (0: none)")
+    parser.add_argument("--num-layers", type=int, default=0, help="override the preset's depth (0: keep it)")
     parser.add_argument("--autocast", default="none", choices=["none", "bf16"])
     parser.add_argument("--optimizer", default="fused", choices=["fused", "foreach", "loop"],
                         help="AdamW implementation, the same for both sides")
@@ -169,7 +173,8 @@ def main(argv=None) -> None:
     if args.official_port:
         args.official_port = os.path.abspath(args.official_port)
 
-    print(f"preset {args.preset}, batch {args.batch_size} x {args.seq_len} tokens, "
+    depth = f" with {args.num_layers} layers" if args.num_layers else ""
+    print(f"preset {args.preset}{depth}, batch {args.batch_size} x {args.seq_len} tokens, "
           f"{'bf16 autocast' if args.autocast == 'bf16' else 'fp32'}, scan_checkpoint_group_size {args.group}, "
           f"AdamW {args.optimizer}, {args.runs} runs x (warm-up {args.warmup} + median of {args.steps} steps)")
     print("memory: peak RSS minus RSS after building model + optimizer (`peak-built`), and peak RSS during a "
