@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.loss.loss_utils import LOSS_MAPPING
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
@@ -17,6 +18,7 @@ from .cache import TTTCache
 from .compat import CACHE_NAME, cache_of, output_fields, resolve_cache
 from .configuration_ttt import TTTConfig
 from .layers import TTT_LAYER_CLASSES, RMSNorm, SwiGLUMLP, TTTConvBlock, TTTLayerBase
+from .loss import linear_cross_entropy
 from .ops import get_backend
 from .packing import PACKING_KWARGS, DocumentLayout, batch_rows, document_layout
 
@@ -383,11 +385,20 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: TTTCache | None = None,
+        return_logits: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-            Next-token labels (shifted inside the loss); -100 is ignored.
+            Next-token labels (shifted inside the loss); -100 is ignored. `num_items_in_batch` and `shift_labels`
+            (keyword arguments) act as in transformers' `ForCausalLMLoss`.
+        return_logits (`bool`, *optional*):
+            Whether `outputs.logits` is computed when `labels` are given. By default (`None`) it is not in training
+            mode (`model.train()`): the loss is then computed by [`modeling_ttt.loss.linear_cross_entropy`], the LM
+            head fused with the cross-entropy chunk by chunk, which never holds the `[batch, seq_len, vocab_size]`
+            logits (same value and gradients as the usual loss), and `outputs.logits` is `None`. In eval mode
+            (`model.eval()`, as `Trainer.evaluate` sets) the logits are returned as usual. `True` forces the
+            logits (and the usual loss from them); `False` forces the fused loss.
         logits_to_keep (`int` or `torch.Tensor`, *optional*):
             Compute logits for the last `logits_to_keep` positions only (0: all), or for the given indices.
         cache, past_key_values: see [`TTTModel.forward`] (one argument under its new and its old name).
@@ -405,11 +416,18 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
             from_generate=kwargs.pop("from_generate", False),
             **{name: kwargs.pop(name) for name in PACKING_KWARGS if name in kwargs},  # the model's, not the loss's
         )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if return_logits is None:
+            return_logits = not self.training
+        if (labels is not None and not return_logits and isinstance(logits_to_keep, int) and logits_to_keep == 0
+                and self.loss_function is LOSS_MAPPING["ForCausalLM"] and self.lm_head.bias is None):
+            logits = None
+            loss = linear_cross_entropy(outputs.last_hidden_state, self.lm_head.weight, labels, **kwargs)
+        else:
+            hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+            logits = self.lm_head(hidden_states)
+            loss = None
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,

@@ -142,12 +142,14 @@ def test_bf16_greedy_agrees_with_fp32_over_64_tokens(trained, layer_type, tmp_pa
 def test_cpu_autocast_forward_and_backward(variant):
     ids = random_ids(2, 25, seed=3)
     reference = tiny_model(*variant).train()
-    expected = reference(ids, labels=ids)
+    expected = reference(ids, labels=ids, return_logits=True)
     expected.loss.backward()
     model = tiny_model(*variant).train()
     with torch.autocast("cpu", torch.bfloat16):
-        out = model(ids, labels=ids)
+        out = model(ids, labels=ids, return_logits=True)
+        fused_loss = model(ids, labels=ids).loss.detach()  # training default: the LM head fused with the loss
     out.loss.backward()
+    assert abs(float(fused_loss) - out.loss.item()) <= 1e-2 * out.loss.item()
     assert out.logits.dtype == torch.bfloat16
     assert relative_error(out.logits, expected.logits) <= RELATIVE_TOLERANCE[torch.bfloat16]
     assert all(p.grad.dtype == torch.float32 for p in model.parameters())

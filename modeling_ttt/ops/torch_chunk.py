@@ -141,8 +141,12 @@ def _ttt_chunk(
         inputs = carry_and_inputs[2 * num_weights :]
         outputs = torch.empty(stop - first, rows, mini_batch_size, head_dim, dtype=xq.dtype, device=xq.device) \
             if in_place else []
+        # One unbind per input instead of an index per step: under autograd, each `x[k]` would give back a
+        # gradient as large as all of `x` (zeros but one slice) and the K of them would be summed, O(K²) work;
+        # unbind's backward stacks the K slices once.
+        per_step_inputs = tuple(zip(*(x.unbind(0) for x in inputs)))
         for k in range(first, stop):
-            step_inputs = tuple(x[k - first] for x in inputs)
+            step_inputs = per_step_inputs[k - first]
             pending = grads if (k == 0 and has_pending) else None
             if in_place and grads is None and pending is None and all_complete[k]:
                 # W₀ ← W₀ − s_last · Σ_j (lr_j [x_k,j, 1])ᵀ ∇_z ℓ_j, in place

@@ -1,0 +1,125 @@
+"""Causal-LM loss fused with the LM head: the cross-entropy of `hidden_states @ lm_head.weightᵀ` without ever
+holding all `[tokens, vocab_size]` logits.
+
+With a 32,000-token vocabulary the logits of a training step are the largest activations of a small model (and
+their float32 softmax, its gradient and the shifted copy made by the usual loss come on top). Here the tokens go
+through the head in chunks; each chunk's logits are turned into its loss *and* its gradient right away (the
+gradient of a softmax cross-entropy is `softmax − one_hot`), and only the gradients with respect to the hidden
+states and the head's weight are kept for backward. So the head costs the same three products as the unfused
+loss (one forward, two backward) and no recomputation, and the memory is one chunk of logits.
+
+Semantics are those of transformers' `ForCausalLMLoss`: labels shifted left by one inside (or `shift_labels`
+given already shifted), `ignore_index` (-100) ignored, the sum divided by `num_items_in_batch` when it is given
+(gradient accumulation), else the mean over the counted tokens; logits upcast to float32 before the softmax.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Logits held at once: chunk_tokens · vocab_size float32 values (32 MiB), large enough for efficient products
+# (256 rows at a 32,000 vocabulary), small against the model's other activations.
+_CHUNK_ELEMENTS = 1 << 23
+
+
+def _chunk_tokens(vocab_size: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // vocab_size)
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weightᵀ` against `targets`, rows with `ignore_index` left out.
+
+    Forward computes, chunk by chunk, the loss and (when a gradient is needed) the gradients of the *summed*
+    loss with respect to `hidden` and `weight`; backward scales them by the incoming gradient. Under autocast the
+    head's products run in the autocast dtype, as `nn.Linear` would, and the softmax in float32."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int):
+        # hidden: [N, C]; weight: [V, C]; targets: [N]
+        needs_hidden_grad, needs_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        counted = (targets != ignore_index).nonzero().squeeze(1)  # ignored rows never enter the products
+        hidden_counted = hidden.index_select(0, counted)
+        targets_counted = targets.index_select(0, counted)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden_counted = torch.empty_like(hidden_counted) if needs_hidden_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight_grad else None
+        chunk = _chunk_tokens(weight.shape[0])
+        for start in range(0, hidden_counted.shape[0], chunk):
+            h = hidden_counted[start : start + chunk]
+            target = targets_counted[start : start + chunk].unsqueeze(1)
+            logits = F.linear(h, weight).float()  # [n, V]
+            log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)
+            loss += (log_normalizer - logits.gather(1, target)).sum()
+            if not (needs_hidden_grad or needs_weight_grad):
+                continue
+            # ∂(Σ loss)/∂logits = softmax − one_hot, written over the logits (no second [n, V] buffer)
+            grad_logits = logits.sub_(log_normalizer).exp_()
+            grad_logits.scatter_add_(1, target, torch.full_like(target, -1.0, dtype=grad_logits.dtype))
+            if grad_logits.dtype != weight.dtype and not torch.is_autocast_enabled(h.device.type):
+                grad_logits = grad_logits.to(weight.dtype)  # a 16-bit model without autocast: its dtype's products
+            # (under autocast, mm casts to the autocast dtype by itself, as nn.Linear's backward products run)
+            if needs_hidden_grad:
+                grad_hidden_counted[start : start + chunk] = torch.mm(grad_logits, weight)
+            if needs_weight_grad:
+                if grad_logits.dtype == h.dtype == grad_weight.dtype and not torch.is_autocast_enabled(h.device.type):
+                    grad_weight.addmm_(grad_logits.t(), h)  # accumulated in place: no [V, C] temporary
+                else:  # 16-bit products (autocast or a 16-bit model), summed over the chunks in float32
+                    grad_weight.add_(torch.mm(grad_logits.t(), h))
+        if needs_hidden_grad:
+            grad_hidden = torch.zeros_like(hidden)
+            grad_hidden.index_copy_(0, counted, grad_hidden_counted.to(hidden.dtype))
+        else:
+            grad_hidden = None
+        if grad_weight is not None and grad_weight.dtype != weight.dtype:
+            grad_weight = grad_weight.to(weight.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        # The saved gradients are this call's own buffers and backward runs once (no retain_graph use of the head
+        # is supported through this path), so they are scaled in place.
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_loss.to(grad_weight.dtype))
+        return grad_hidden, grad_weight, None, None
+
+
+def linear_cross_entropy(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """transformers' `ForCausalLMLoss(hidden_states @ weightᵀ, labels, ...)` without the `[B, T, V]` logits.
+
+    Args:
+        hidden_states: `[B, T, C]` final hidden states (after the last norm).
+        weight: `[V, C]` LM head weight (no bias).
+        labels: `[B, T]` next-token labels, shifted left by one here; `ignore_index` marks tokens not counted.
+        num_items_in_batch: when given, the summed loss is divided by it (gradient accumulation); else the mean
+            over counted tokens (NaN if none is counted, as `cross_entropy`'s mean).
+        shift_labels: `[B, T]` labels already aligned with the positions (then `labels` is not read).
+    """
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    targets = shift_labels.reshape(-1).to(hidden_states.device)
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    if not torch.is_grad_enabled():
+        # a Function's `needs_input_grad` ignores no_grad: detached inputs keep it from computing the gradients
+        hidden, weight = hidden.detach(), weight.detach()
+    loss_sum = LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index)
+    if num_items_in_batch is None:
+        return loss_sum / (targets != ignore_index).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss_sum.device)
+    return loss_sum / num_items_in_batch
+
+
+__all__ = ["linear_cross_entropy", "LinearCrossEntropyFunction"]
