@@ -419,7 +419,9 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         if return_logits is None:
             return_logits = not self.training
         if (labels is not None and not return_logits and isinstance(logits_to_keep, int) and logits_to_keep == 0
-                and self.loss_function is LOSS_MAPPING["ForCausalLM"] and self.lm_head.bias is None):
+                and self.loss_function is LOSS_MAPPING["ForCausalLM"] and type(self.lm_head) is nn.Linear
+                and self.lm_head.bias is None):
+            # (a wrapped head — an adapter on it, a quantized layer — is not just its weight: the usual path then)
             logits = None
             loss = linear_cross_entropy(outputs.last_hidden_state, self.lm_head.weight, labels, **kwargs)
         else:
