@@ -162,3 +162,20 @@ def test_model_forward_uses_fused_loss_in_training():
     assert evaluated.logits.shape == (2, 11, 97) and forced.logits is None
     torch.testing.assert_close(evaluated.loss, fused.loss.detach(), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(forced.loss, fused.loss.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_a_wrapped_head_takes_the_usual_loss():
+    """An adapter on the head (PEFT LoRA on lm_head) is more than `lm_head.weight`: the fused loss must not read the
+    weight alone, or the adapter would be silently left out of the loss."""
+    peft = pytest.importorskip("peft")
+    model = _tiny_model()
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False))
+    peft_model.train()
+    input_ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    out = peft_model(input_ids=input_ids, labels=input_ids, use_cache=False)
+    logits = peft_model(input_ids=input_ids, use_cache=False).logits
+    expected = ForCausalLMLoss(logits, input_ids, vocab_size=97)
+    torch.testing.assert_close(out.loss, expected, atol=1e-6, rtol=1e-6)
+    with peft_model.disable_adapter():
+        plain = peft_model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+    assert abs(float(plain.detach()) - float(expected.detach())) > 1e-4  # the adapter changes the loss: the check above can fail
