@@ -219,7 +219,8 @@ def count_parameters(config) -> int:
 def baseline_config(arch: str, ttt_config, seq_len: int):
     """A transformers Llama or Mamba2 config with (about) the TTT config's parameter count: the same width, vocabulary,
     embedding tying and special tokens; Llama matches the count with its MLP width (same depth and heads), Mamba2
-    (which has no MLP) with its depth. Both counts are linear in the free size, so two meta-device counts solve it."""
+    (which has no MLP) with its depth and then its state size. Each count is linear in the size being solved for, so
+    two meta-device counts give it. Returns (config, TTT parameters, baseline parameters, what was sized)."""
     from transformers import LlamaConfig, Mamba2Config
 
     target = count_parameters(ttt_config)
@@ -237,11 +238,17 @@ def baseline_config(arch: str, ttt_config, seq_len: int):
         free, step, minimum = "intermediate_size", 8, 8
     elif arch == "mamba2":
         head_dim = ttt_config.head_dim
-        def make(layers):
+        def make(layers, state_size=64):
             return Mamba2Config(num_hidden_layers=layers, num_heads=2 * ttt_config.hidden_size // head_dim,
-                                head_dim=head_dim, expand=2, n_groups=1, state_size=64, chunk_size=min(256, seq_len),
-                                layer_norm_epsilon=ttt_config.rms_norm_eps, **common)
-        free, step, minimum = "num_hidden_layers", 1, 1
+                                head_dim=head_dim, expand=2, n_groups=1, state_size=state_size,
+                                chunk_size=min(256, seq_len), layer_norm_epsilon=ttt_config.rms_norm_eps, **common)
+        # the depth first (at state size 64, rounded down), then the state size closes the gap a whole layer leaves
+        low, high = count_parameters(make(1)), count_parameters(make(17))
+        layers = max(1, 1 + math.floor((target - low) / ((high - low) / 16)))
+        low, high = count_parameters(make(layers, 16)), count_parameters(make(layers, 144))
+        state_size = min(256, max(16, 16 + 8 * round((target - low) / ((high - low) / 16))))
+        config = make(layers, state_size)
+        return config, target, count_parameters(config), f"num_hidden_layers={layers}, state_size={state_size}"
     else:
         raise ValueError(f"unknown baseline architecture {arch!r}")
     low, high = count_parameters(make(minimum)), count_parameters(make(minimum + 16 * step))
@@ -458,8 +465,12 @@ def prepare(args, accelerator) -> Setup:
             notes.append("llama: packed rows attend within their document (transformers builds a block-diagonal "
                          "mask from the restarting position ids)")
     if resume_dir is not None:
-        saved = read_json(resume_dir / "config.json")
-        now = json.loads(config.to_json_string(use_diff=False))
+        # both through the config class, so that fields left at their defaults in config.json compare equal
+        try:
+            saved = type(config).from_json_file(str(resume_dir / "config.json")).to_dict()
+        except (OSError, ValueError) as error:
+            raise UsageError(f"--resume: cannot read {resume_dir / 'config.json'}: {one_line(error)}") from error
+        now = config.to_dict()
         keys = sorted((set(saved) | set(now)) - CONFIG_KEYS_NOT_COMPARED)
         differing = [key for key in keys if saved.get(key) != now.get(key)]
         if differing:
