@@ -616,12 +616,13 @@ def evaluate(model, setup: Setup, accelerator):
     return val_loss, math.exp(min(val_loss, 700.0))
 
 
-def save_model_folder(model, setup: Setup, directory: Path, with_code: bool) -> None:
-    """save_pretrained (weights, config, generation config; the TTT modeling code when `with_code`) + tokenizer."""
+def save_model_folder(model, setup: Setup, directory: Path, with_code: bool, state_dict=None) -> None:
+    """save_pretrained (weights, config, generation config; the TTT modeling code when `with_code`) + tokenizer.
+    `state_dict`: the full weights gathered by `accelerator.get_state_dict` (under FSDP each process holds a shard)."""
     if getattr(model.config, "model_type", None) == "ttt":
-        model.save_pretrained(directory, with_code=with_code)
+        model.save_pretrained(directory, with_code=with_code, state_dict=state_dict)
     else:
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, state_dict=state_dict)
     setup.tokenizer.save_pretrained(directory)
 
 
@@ -636,8 +637,9 @@ def save_checkpoint(accelerator, model, setup: Setup, step: int, tokens: int, in
     accelerator.wait_for_everyone()
     inner.restore()
     accelerator.save_state(str(staging / ACCELERATE_STATE))  # every process writes its RNG state
+    state_dict = accelerator.get_state_dict(model)  # a collective under FSDP: every process calls it
     if accelerator.is_main_process:
-        save_model_folder(accelerator.unwrap_model(model), setup, staging, with_code=False)
+        save_model_folder(accelerator.unwrap_model(model), setup, staging, with_code=False, state_dict=state_dict)
         state = dict(step=step, tokens=tokens, max_steps=setup.max_steps, warmup_steps=setup.warmup_steps,
                      run=setup.run_settings, world_size=accelerator.num_processes)
         with open(staging / TRAINER_STATE, "w", encoding="utf-8") as file:
@@ -653,8 +655,11 @@ def write_final_folder(accelerator, model, setup: Setup, step: int, tokens: int,
     """The final model in `--output-dir`: a Hub-ready folder (remote code, tokenizer, generation config, model card)."""
     from .model_card import make_model_card
 
+    state_dict = accelerator.get_state_dict(model)  # a collective under FSDP: every process calls it
+    if not accelerator.is_main_process:
+        return
     unwrapped = accelerator.unwrap_model(model)
-    save_model_folder(unwrapped, setup, setup.output_dir, with_code=True)
+    save_model_folder(unwrapped, setup, setup.output_dir, with_code=True, state_dict=state_dict)
     args = setup.args
     if getattr(unwrapped.config, "model_type", None) != "ttt":
         return  # the TTT model card describes TTT layers only
@@ -825,8 +830,8 @@ def train(setup: Setup, accelerator) -> dict:
     progress.close()
     inner.restore()
 
+    write_final_folder(accelerator, model, setup, step, tokens, val_ppl)
     if accelerator.is_main_process:
-        write_final_folder(accelerator, model, setup, step, tokens, val_ppl)
         log(f"{PROG}: final validation perplexity {val_ppl:.2f} after {step} steps, {tokens:,} tokens; model saved "
             f"to {output_dir}")
     accelerator.wait_for_everyone()
