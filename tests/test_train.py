@@ -233,6 +233,27 @@ def test_two_process_ddp_equals_one_process(reference, corpus, tiny_json, tmp_pa
                                   rel=1e-5)
 
 
+def test_activation_checkpointing_gives_the_same_losses(reference, corpus, tiny_json, tmp_path):
+    output_dir = tmp_path / "checkpointed"
+    assert train_cli.main(run_args(corpus, tiny_json, output_dir, "--batch-size", "4", "--max-steps", "3",
+                                   "--eval-every", "0", "--activation-checkpointing",
+                                   "--set", "scan_checkpoint_group_size=2")) == 0
+    _, steps = read_metrics(output_dir)
+    _, expected = read_metrics(reference)  # the same warm-up, so the first 3 steps match
+    assert [s["loss"] for s in steps] == pytest.approx([s["loss"] for s in expected[:3]], rel=1e-5)
+
+
+def test_ttt_mlp_inner_lr_warms_up_and_the_saved_config_holds_the_target(corpus, tiny_json, tmp_path):
+    output_dir = tmp_path / "mlp"
+    assert train_cli.main(run_args(corpus, tiny_json, output_dir, "--batch-size", "4", "--max-steps", "3",
+                                   "--eval-every", "0", "--save-every", "1",
+                                   "--set", "ttt_layer_type=mlp", "--set", "ttt_base_lr=0.1")) == 0
+    _, steps = read_metrics(output_dir)
+    assert [s["ttt_base_lr"] for s in steps] == pytest.approx([0.01, 0.055, 0.1])  # over the 2 warm-up steps
+    for folder in (output_dir, output_dir / "checkpoint-1", output_dir / "checkpoint-2"):
+        assert json.loads((folder / "config.json").read_text())["ttt_base_lr"] == 0.1
+
+
 @pytest.mark.parametrize("arch", ["llama", "mamba2"])
 def test_baseline_runs_save_loadable_folders(arch, corpus, tiny_json, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
