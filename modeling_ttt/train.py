@@ -818,8 +818,8 @@ def train(setup: Setup, accelerator) -> dict:
             inner.restore()
             val_loss, val_ppl = evaluate(model, setup, accelerator)
             record.update(val_loss=val_loss, val_ppl=val_ppl)
-            progress.write(f"{PROG}: step {step}: validation loss {val_loss:.4f}, perplexity {val_ppl:.2f}") \
-                if accelerator.is_main_process else None
+            if accelerator.is_main_process:
+                progress.write(f"{PROG}: step {step}: validation loss {val_loss:.4f}, perplexity {val_ppl:.2f}")
         log_metrics(record)
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
@@ -829,6 +829,8 @@ def train(setup: Setup, accelerator) -> dict:
             time.sleep(args.debug_step_delay)
     progress.close()
     inner.restore()
+    if val_ppl is None:  # resumed from the last step: nothing was evaluated in this process
+        val_loss, val_ppl = evaluate(model, setup, accelerator)
 
     write_final_folder(accelerator, model, setup, step, tokens, val_ppl)
     if accelerator.is_main_process:
@@ -855,14 +857,17 @@ class _null_context:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers' threads and DDP's fork do not mix
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     report_to = None if args.report_to == ["none"] else args.report_to
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=report_to,
-                              project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                                                  logging_dir=os.path.join(args.output_dir, "logs")))
+    try:
+        accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=report_to,
+                                  project_config=ProjectConfiguration(
+                                      project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")))
+    except (ValueError, ImportError) as error:  # e.g. fp16 without a GPU, a tracker that is not installed
+        print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
+        return 2
     try:
         setup = prepare(args, accelerator)
     except UsageError as error:

@@ -246,8 +246,9 @@ def test_activation_checkpointing_gives_the_same_losses(reference, corpus, tiny_
 def test_ttt_mlp_inner_lr_warms_up_and_the_saved_config_holds_the_target(corpus, tiny_json, tmp_path):
     output_dir = tmp_path / "mlp"
     assert train_cli.main(run_args(corpus, tiny_json, output_dir, "--batch-size", "4", "--max-steps", "3",
-                                   "--eval-every", "0", "--save-every", "1",
+                                   "--eval-every", "0", "--save-every", "1", "--report-to", "tensorboard",
                                    "--set", "ttt_layer_type=mlp", "--set", "ttt_base_lr=0.1")) == 0
+    assert list((output_dir / "logs").rglob("events.out.tfevents.*"))  # the Accelerate tracker wrote too
     _, steps = read_metrics(output_dir)
     assert [s["ttt_base_lr"] for s in steps] == pytest.approx([0.01, 0.055, 0.1])  # over the 2 warm-up steps
     for folder in (output_dir, output_dir / "checkpoint-1", output_dir / "checkpoint-2"):
