@@ -65,7 +65,7 @@ def _read_text(path: Path) -> str:
         raise DataError(f"Cannot read {path}: {error.strerror or error}.") from error
 
 
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
+def _jsonl_documents(path: Path, text_field: str, name: str) -> Iterator[Document]:
     with path.open(encoding="utf-8", errors="replace") as file:
         for number, line in enumerate(file, 1):
             if not line.strip():
@@ -82,16 +82,18 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
             if not isinstance(text, str):
                 raise DataError(f"{path}:{number}: field {text_field!r} must be a string, got {type(text).__name__}.")
             if text.strip():
-                yield Document(f"{path}:{number}", text)
+                yield Document(f"{name}:{number}", text)
 
 
-def _file_documents(path: Path, text_field: str) -> Iterator[Document]:
+def _file_documents(path: Path, text_field: str, name: str | None = None) -> Iterator[Document]:
+    # `name` (default: the path as given) names the documents, and so decides their side of the split
+    name = str(path) if name is None else name
     if path.suffix in JSONL_SUFFIXES:
-        yield from _jsonl_documents(path, text_field)
+        yield from _jsonl_documents(path, text_field, name)
     else:
         text = _read_text(path)
         if text.strip():
-            yield Document(str(path), text)
+            yield Document(name, text)
 
 
 def _folder_files(folder: Path) -> list[Path]:
@@ -142,7 +144,8 @@ def iter_documents(sources: Sequence[str] | None = None, text_field: str = "text
     """Documents from `sources`, in order: each a text file (one document), a JSONL file (one per record's
     `text_field`), a folder (its text and JSONL files, recursively, sorted by path), a folder written by
     `datasets`' `save_to_disk`, or a `datasets` name (`split`, `streaming`). No sources: the CPython standard
-    library's `.py` files. Blank documents are skipped. A source that does not exist is a `DataError` at once."""
+    library's `.py` files. Documents of a folder are named by their path inside it (so the split does not depend
+    on where the folder lives), those of a file by its path as given. Blank documents are skipped. A source that does not exist is a `DataError` at once."""
     if not sources:
         yield from stdlib_documents()
         return
@@ -156,7 +159,8 @@ def iter_documents(sources: Sequence[str] | None = None, text_field: str = "text
                 raise DataError(f"Folder {source} holds no text or JSONL files "
                                 f"({', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)}).")
             for file in files:
-                yield from _file_documents(file, text_field)
+                # named relative to the folder: the split does not depend on where the folder lives
+                yield from _file_documents(file, text_field, file.relative_to(path).as_posix())
         elif path.is_dir() or not os.path.exists(source) and _looks_like_dataset_name(source):
             yield from _dataset_documents(source, text_field, split, streaming)
         else:
