@@ -145,7 +145,8 @@ def iter_documents(sources: Sequence[str] | None = None, text_field: str = "text
     `text_field`), a folder (its text and JSONL files, recursively, sorted by path), a folder written by
     `datasets`' `save_to_disk`, or a `datasets` name (`split`, `streaming`). No sources: the CPython standard
     library's `.py` files. Documents of a folder are named by their path inside it (so the split does not depend
-    on where the folder lives), those of a file by its path as given. Blank documents are skipped. A source that does not exist is a `DataError` at once."""
+    on where the folder lives), those of a file by its path as given. Blank documents are skipped. A source that
+    does not exist is a `DataError` at once."""
     if not sources:
         yield from stdlib_documents()
         return
