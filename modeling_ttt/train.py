@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import logging
 import math
 import os
 import re
@@ -695,6 +696,7 @@ def train(setup: Setup, accelerator) -> dict:
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, GenerationConfig, set_seed
+    from transformers.utils import logging as transformers_logging
 
     from . import TTTForCausalLM
     from .data import row_batch
@@ -702,6 +704,10 @@ def train(setup: Setup, accelerator) -> dict:
     args = setup.args
     log = accelerator.print
     output_dir = setup.output_dir
+    # Checkpoints would otherwise print a "Writing model shards" bar and, for tied embeddings, accelerate's note
+    # that the tied copy is not stored twice (load_state ties it again) through the training bar.
+    transformers_logging.disable_progress_bar()
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     if accelerator.is_main_process:
         if args.overwrite and holds_run(output_dir):
             shutil.rmtree(output_dir)
