@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue from the output dir's last checkpoint")
     run.add_argument("--overwrite", action="store_true", help="replace a run already in the output dir")
     run.add_argument("--report-to", nargs="+", default=["none"],
-                     help="Accelerate trackers (tensorboard, wandb, ...; default none); metrics.jsonl is always written")
+                     help="Accelerate trackers (tensorboard, wandb, ...; default none); metrics.jsonl is always "
+                          "written")
     run.add_argument("--sample-prompt", metavar="TEXT", help="at the end, stream a continuation of TEXT")
     run.add_argument("--sample-tokens", type=int, default=64)
     run.add_argument("--sample-temperature", type=float, default=0.0, help="0: greedy")
@@ -664,8 +665,9 @@ def write_final_folder(accelerator, model, setup: Setup, step: int, tokens: int,
     args = setup.args
     if getattr(unwrapped.config, "model_type", None) != "ttt":
         return  # the TTT model card describes TTT layers only
+    layout = "packed documents, state reset at each document" if args.packing else "rows cut from the token stream"
     notes = (f"Trained from scratch with `ttt-train` for {step} steps of {setup.run_settings['global_batch_size']} x "
-             f"{args.grad_accum} rows of {args.seq_len} tokens ({'packed documents, state reset at each document' if args.packing else 'rows cut from the token stream'}); "
+             f"{args.grad_accum} rows of {args.seq_len} tokens ({layout}); "
              f"AdamW (0.9, 0.95), lr {args.lr} with {setup.warmup_steps} warm-up steps and cosine decay to "
              f"{args.min_lr}, weight decay {args.weight_decay}, gradient clipping {args.max_grad_norm}.")
     datasets = list(args.data) if args.data else ["CPython standard library (.py sources)"]
@@ -766,8 +768,10 @@ def train(setup: Setup, accelerator) -> dict:
     for note in setup.notes:
         log(f"{PROG}: {note}")
     if args.report_to and args.report_to != ["none"]:
-        accelerator.init_trackers(PROG, config={key: (value if isinstance(value, (int, float, str, bool)) else str(value))
-                                                for key, value in vars(args).items()})
+        # trackers take scalars only (tensorboard's hparams): lists and None as text
+        scalars = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+                   for key, value in vars(args).items()}
+        accelerator.init_trackers(PROG, config=scalars)
 
     def log_metrics(record: dict) -> None:
         metrics.write(record)
@@ -846,7 +850,8 @@ def train(setup: Setup, accelerator) -> dict:
     metrics.close()
     accelerator.end_training()
     if args.sample_prompt and accelerator.is_main_process:
-        log(f"{PROG}: sample ({'greedy' if args.sample_temperature == 0 else f'temperature {args.sample_temperature}'}):")
+        how = "greedy" if args.sample_temperature == 0 else f"temperature {args.sample_temperature}"
+        log(f"{PROG}: sample ({how}):")
         stream_sample(accelerator.unwrap_model(model), setup.tokenizer, args.sample_prompt, args.sample_tokens,
                       args.sample_temperature)
     return dict(step=step, tokens=tokens, val_loss=val_loss, val_ppl=val_ppl)
