@@ -17,6 +17,7 @@ from transformers.activations import ACT2FN
 
 from .configuration_ttt import TTTConfig
 from .ops import InnerLoopParams, InnerState, get_ttt_ops
+from .packing import DocumentLayout
 
 
 class RMSNorm(nn.Module):
@@ -54,6 +55,7 @@ def causal_depthwise_conv(
     biases: torch.Tensor,
     state: torch.Tensor | None,
     num_tokens: torch.Tensor | None,
+    layout: DocumentLayout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`n` causal depthwise convs of the same input `x` `[B, T, C]` at once, continuing from `state` `[B, K-1, C]`
     (the last `K-1` inputs seen; zeros for a fresh sequence, which equals flax's CAUSAL padding).
@@ -61,6 +63,9 @@ def causal_depthwise_conv(
     kernels: `[n, C, K]`; biases: `[n, C]` (the Mamba backbone's `conv_q` and `conv_k` read the same projection,
     so they share one state and one pass). Returns the outputs `[B, T, n, C]` and the new state: the last `K-1`
     *real* inputs of each row, so that right padding (`num_tokens`) never enters the state.
+
+    With packed documents (`layout`), a tap that would reach back across a document start reads zero, as before a
+    sequence's first token, and the new state keeps only the inputs of each row's last document.
     """
     batch, seq_len, channels = x.shape
     width = kernels.shape[-1]
@@ -73,13 +78,26 @@ def causal_depthwise_conv(
         y = torch.sum(extended.unsqueeze(2) * taps, dim=1, keepdim=True) + biases
         return y, extended[:, 1:]
     windows = extended.unsqueeze(2)  # [B, K-1+T, 1, C]
-    y = torch.addcmul(biases, windows[:, :seq_len], taps[0])
+
+    def window(k: int) -> torch.Tensor:
+        """The inputs tap `k` multiplies, `K-1-k` positions back."""
+        inputs = windows[:, k : k + seq_len]
+        lookback = width - 1 - k
+        if layout is None or lookback == 0:
+            return inputs
+        return inputs * layout.lookback_within_document(lookback).view(batch, seq_len, 1, 1).to(inputs.dtype)
+
+    y = torch.addcmul(biases, window(0), taps[0])
     for k in range(1, width):
-        y = torch.addcmul(y, windows[:, k : k + seq_len], taps[k])
+        y = torch.addcmul(y, window(k), taps[k])
     if num_tokens is None:
-        return y, extended[:, seq_len:]
-    index = num_tokens.view(batch, 1, 1) + torch.arange(width - 1, device=x.device).view(1, -1, 1)
-    return y, torch.gather(extended, 1, index.expand(batch, width - 1, channels))
+        new_state = extended[:, seq_len:]
+    else:
+        index = num_tokens.view(batch, 1, 1) + torch.arange(width - 1, device=x.device).view(1, -1, 1)
+        new_state = torch.gather(extended, 1, index.expand(batch, width - 1, channels))
+    if layout is not None:
+        new_state = new_state * layout.conv_state_valid(width - 1).unsqueeze(-1).to(new_state.dtype)
+    return y, new_state
 
 
 def _conv_parameters(*convs: nn.Conv1d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,10 +117,10 @@ class TTTConvBlock(nn.Module):
         self.conv = nn.Conv1d(config.hidden_size, config.hidden_size, kernel_size=config.conv_kernel,
                               groups=config.hidden_size, bias=True)
 
-    def forward(self, hidden_states, layer_state=None, num_tokens=None):
+    def forward(self, hidden_states, layer_state=None, num_tokens=None, layout: DocumentLayout | None = None):
         state = layer_state.conv_states.get("pre_conv") if layer_state is not None else None
         out, new_state = causal_depthwise_conv(self.norm(hidden_states), *_conv_parameters(self.conv), state,
-                                               num_tokens)
+                                               num_tokens, layout)
         if layer_state is not None:
             layer_state.conv_states["pre_conv"] = new_state
         return out.squeeze(2)
@@ -219,14 +237,14 @@ class TTTLayerBase(nn.Module):
             self._qk_conv_memo = (key, _conv_parameters(self.conv_q, self.conv_k), params)
         return self._qk_conv_memo[1]
 
-    def project_qk(self, x, layer_state, num_tokens) -> torch.Tensor:
+    def project_qk(self, x, layer_state, num_tokens, layout: DocumentLayout | None = None) -> torch.Tensor:
         """Q and K stacked, `[B, T, 2, C]` (one RoPE pass serves both)."""
         if not self.share_qk:
             return torch.stack((self.q_proj(x), self.k_proj(x)), dim=2)
         # One projection, told apart by conv_q and conv_k; both convs read it, so they share one state.
         conv_states = layer_state.conv_states if layer_state is not None else {}
         qk, conv_states["qk"] = causal_depthwise_conv(self.q_proj(x), *self.qk_conv_parameters(),
-                                                      conv_states.get("qk"), num_tokens)
+                                                      conv_states.get("qk"), num_tokens, layout)
         return qk
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,24 +262,32 @@ class TTTLayerBase(nn.Module):
     # -- forward -----------------------------------------------------------------------------------------------
 
     def forward(self, hidden_states: torch.Tensor, layer_state=None, num_tokens: torch.Tensor | None = None,
-                inner_loop=None):
+                inner_loop=None, layout: DocumentLayout | None = None):
         """hidden_states: `[B, T, C]`, right-padded when `num_tokens` (`[B]`) is given. `inner_loop` is the op of
-        the model's backend for this forward (`modeling_ttt.ops.get_backend`); by default the one `ttt_impl` gives."""
+        the model's backend for this forward (`modeling_ttt.ops.get_backend`); by default the one `ttt_impl` gives.
+
+        `layout`: the rows hold packed documents (`modeling_ttt.packing`), each a fresh sequence for the inner
+        loop; `layer_state` then holds no state yet and receives that of each row's last document."""
         batch, seq_len, _ = hidden_states.shape
         if inner_loop is None:
             inner_loop = get_ttt_ops(self.config.ttt_impl, self.layer_type, hidden_states.device, self.head_dim)
-        if layer_state is not None and layer_state.inner_state is not None:
+        if layout is not None:
+            state = layout.initial_state(self.inner_weights())  # every document starts afresh (G = 0)
+        elif layer_state is not None and layer_state.inner_state is not None:
             state = layer_state.inner_state
         else:
             state = InnerState.initial(self.inner_weights(), batch)
 
-        # RoPE at each token's position inside its mini-batch, which follows the row's own token counter
-        if seq_len == 1:
+        # RoPE at each token's position inside its mini-batch, which follows the row's own token counter (with
+        # packed documents, the token's index inside its document: mini-batches restart with each document)
+        if layout is not None:
+            positions = layout.index_in_doc % self.mini_batch_size  # [B, T]
+        elif seq_len == 1:
             positions = (state.seen % self.mini_batch_size).unsqueeze(1)  # [B, 1]
         else:
             positions = state.seen.unsqueeze(1) + torch.arange(seq_len, device=hidden_states.device)
             positions = positions % self.mini_batch_size  # [B, T]
-        qk = self.project_qk(hidden_states, layer_state, num_tokens)
+        qk = self.project_qk(hidden_states, layer_state, num_tokens, layout)
         rotation = self.rope_rotation[positions].view(batch, seq_len, 1, 1, self.head_dim // 2, 2)
         qk = apply_rotary(qk.unflatten(-1, (self.num_heads, self.head_dim)), rotation)  # [B, T, 2, H, d]
         xq, xk = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2)
@@ -272,7 +298,13 @@ class TTTLayerBase(nn.Module):
             real = torch.arange(seq_len, device=hidden_states.device).unsqueeze(0) < num_tokens.unsqueeze(1)
             inner_lr = inner_lr.masked_fill(~real.unsqueeze(1), 0.0)
 
-        out, new_state = inner_loop(xq, xk, xv, inner_lr, self.inner_loop_params(), state, num_tokens)
+        if layout is None:
+            out, new_state = inner_loop(xq, xk, xv, inner_lr, self.inner_loop_params(), state, num_tokens)
+        else:
+            # One op call over the documents as a batch [N, H, L, ·], right-padded to the longest, then back.
+            views = (layout.unpack(t) for t in (xq, xk, xv, inner_lr))
+            out, document_states = inner_loop(*views, self.inner_loop_params(), state, layout.doc_lengths)
+            out, new_state = layout.pack(out), layout.last_document_state(document_states)
         if layer_state is not None:
             layer_state.inner_state = new_state
 

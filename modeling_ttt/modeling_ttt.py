@@ -18,6 +18,7 @@ from .compat import CACHE_NAME, cache_of, output_fields, resolve_cache
 from .configuration_ttt import TTTConfig
 from .layers import TTT_LAYER_CLASSES, RMSNorm, SwiGLUMLP, TTTConvBlock, TTTLayerBase
 from .ops import get_backend
+from .packing import PACKING_KWARGS, DocumentLayout, batch_rows, document_layout
 
 logger = logging.get_logger(__name__)
 
@@ -38,13 +39,15 @@ class TTTBlock(GradientCheckpointingLayer):
         self.mlp = SwiGLUMLP(config)
 
     def forward(self, hidden_states: torch.Tensor, num_tokens: torch.Tensor | None = None, layer_state=None,
-                inner_loop=None):
+                inner_loop=None, layout: DocumentLayout | None = None):
         """`layer_state` is this block's `TTTCacheLayer` (read, then overwritten with the new state), or None;
-        `inner_loop` the backend's op for this forward (see `TTTLayerBase.forward`)."""
+        `inner_loop` the backend's op for this forward, `layout` the packed documents, or None (see
+        `TTTLayerBase.forward`)."""
         if self.pre_conv:
-            hidden_states = hidden_states + self.conv(hidden_states, layer_state, num_tokens)
+            hidden_states = hidden_states + self.conv(hidden_states, layer_state, num_tokens, layout)
         residual = hidden_states
-        hidden_states = self.seq_modeling_block(self.seq_norm(hidden_states), layer_state, num_tokens, inner_loop)
+        hidden_states = self.seq_modeling_block(self.seq_norm(hidden_states), layer_state, num_tokens, inner_loop,
+                                                layout)
         hidden_states = residual + hidden_states
         return hidden_states + self.mlp(self.ffn_norm(hidden_states))
 
@@ -194,10 +197,24 @@ class TTTModel(TTTPreTrainedModel):
         attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
             1 for real tokens, 0 for padding (left, right, or anywhere). Padding never changes the state: each row
             is processed as if its padding were absent; hidden states at padded positions are zero.
-        position_ids (`torch.LongTensor`, *optional*):
-            Accepted for compatibility and checked: a TTT layer's RoPE position is the token's index inside its
-            inner mini-batch, which follows from the cache's token counter, so these must agree with it (modulo
-            `mini_batch_size`) at real tokens, or a `ValueError` is raised.
+        position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)` or `(sequence_length,)`, *optional*):
+            Either one sequence per row, or packed documents.
+
+            - One sequence per row (no id is 0 after a row's first real token): accepted for compatibility and
+              checked. A TTT layer's RoPE position is the token's index inside its inner mini-batch, which follows
+              from the cache's token counter, so these must agree with it (modulo `mini_batch_size`) at real tokens,
+              or a `ValueError` is raised.
+            - Packed documents (the convention of `DataCollatorWithFlattening`): an id of 0 after a row's first real
+              token starts a new document. Every document is then processed as if it were alone: the TTT layers
+              restart from their learned initial inner weights (no pending gradient sum, mini-batches and RoPE
+              positions aligned to the document's first token) and the causal convs read nothing of the previous
+              document. Each row's first id must be 0 and every later id the previous plus one or 0, else a
+              `ValueError`. Documents may also be given by the collator's `seq_idx` or `cu_seq_lens_q` /
+              `cu_seq_lens_k` (with `max_length_q` / `max_length_k`) keyword arguments; where several are given they
+              must describe the same documents. With padding (`attention_mask`), the documents are those of the
+              real tokens. A packed input cannot continue a cache that has read tokens (`ValueError`); with
+              `use_cache`, the returned cache continues each row's *last* document (its `seen_tokens()` is that
+              document's length), exactly as if that document had been fed alone.
         cache (`TTTCache`, *optional*):
             Recurrent state to continue from; updated in place and returned when `use_cache` (as `output.cache`
             on transformers >= 5.24, `output.past_key_values` before).
@@ -233,7 +250,19 @@ class TTTModel(TTTPreTrainedModel):
         # Padding: move each row's real tokens to the front (right padding), run, and move them back.
         attention_mask = _current_mask(attention_mask, seen, batch, seq_len, from_generate)
         order, num_tokens = _compaction(attention_mask, batch, seq_len, inputs_embeds.device)
-        if position_ids is not None:
+        # Packed documents (position ids restarting at 0, or the other kwargs of DataCollatorWithFlattening)
+        packing_kwargs = {name: kwargs[name] for name in PACKING_KWARGS if kwargs.get(name) is not None}
+        layout = document_layout(position_ids, packing_kwargs, order, num_tokens, batch, seq_len,
+                                 inputs_embeds.device)
+        if layout is not None and seen is not None:
+            raise ValueError(
+                "The input holds packed documents (position_ids restarting at 0 inside a row, seq_idx or "
+                "cu_seq_lens), and a cache that has already read tokens was passed: a packed forward starts every "
+                "document from the initial state, so it cannot continue a cache. Pass no cache (with use_cache=True "
+                "the returned cache continues each row's last document), or feed the continuation as an unpacked "
+                "row with position_ids that continue the cache's count."
+            )
+        if position_ids is not None and layout is None:
             _check_position_ids(position_ids, attention_mask, seen, batch, seq_len, self.config.mini_batch_size,
                                 from_generate)
         hidden_states = inputs_embeds if order is None else _gather_rows(inputs_embeds, order, num_tokens)
@@ -253,7 +282,7 @@ class TTTModel(TTTPreTrainedModel):
                 all_hidden_states += (_scatter_rows(hidden_states, order, num_tokens),)
             layer_state = cache.layers[i] if cache is not None else None
             hidden_states = block(hidden_states, num_tokens=num_tokens, layer_state=layer_state,
-                                  inner_loop=backend.inner_loop)
+                                  inner_loop=backend.inner_loop, layout=layout)
 
         hidden_states = _scatter_rows(self.norm(hidden_states), order, num_tokens)
         if output_hidden_states:
@@ -362,6 +391,8 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         logits_to_keep (`int` or `torch.Tensor`, *optional*):
             Compute logits for the last `logits_to_keep` positions only (0: all), or for the given indices.
         cache, past_key_values: see [`TTTModel.forward`] (one argument under its new and its old name).
+        kwargs: `DataCollatorWithFlattening`'s `seq_idx`, `cu_seq_lens_q`/`cu_seq_lens_k`, `max_length_q`/`max_length_k`
+            go to the model (packed documents, see [`TTTModel.forward`]); the others to the loss function.
         """
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
@@ -372,6 +403,7 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             from_generate=kwargs.pop("from_generate", False),
+            **{name: kwargs.pop(name) for name in PACKING_KWARGS if name in kwargs},  # the model's, not the loss's
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)
@@ -522,12 +554,7 @@ def _scatter_rows(x: torch.Tensor, order: torch.Tensor | None, num_tokens: torch
 
 
 def _check_position_ids(position_ids, attention_mask, seen, batch, seq_len, mini_batch_size, from_generate=False):
-    if position_ids.dim() == 1:
-        position_ids = position_ids.unsqueeze(0)
-    if position_ids.dim() != 2 or position_ids.shape[-1] != seq_len or position_ids.shape[0] not in (1, batch):
-        raise ValueError(
-            f"position_ids must have shape (batch, seq_len) = {(batch, seq_len)}, got {tuple(position_ids.shape)}."
-        )
+    position_ids = batch_rows(position_ids, "position_ids", batch, seq_len)
     device = position_ids.device
     start = seen.to(device) if seen is not None else torch.zeros(batch, dtype=torch.long, device=device)
     if attention_mask is None:

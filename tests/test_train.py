@@ -22,8 +22,7 @@ from modeling_ttt.data import Document, TokenStream, packed_row, row_batch, spli
 CORPUS_FILES = ("bisect.py", "colorsys.py", "keyword.py", "fnmatch.py", "glob.py", "shlex.py", "sched.py",
                 "queue.py", "copy.py", "heapq.py", "textwrap.py", "json/encoder.py", "json/decoder.py",
                 "json/scanner.py", "json/__init__.py", "this.py")
-#: Packed rows with restarting position ids need the model's support for them (the TTT state resets at each
-#: restart); plain rows are exercised too.
+#: Runs use packed rows (the TTT state resets at each document start) unless a test asks for plain rows.
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
 )
 
@@ -132,7 +131,7 @@ def tiny_json(tmp_path_factory):
     return path
 
 
-def run_args(corpus, config, output_dir, *extra, packing=False):
+def run_args(corpus, config, output_dir, *extra, packing=True):
     args = ["--config", str(config), "--data", str(corpus), "--vocab-size", "320", "--seq-len", "32",
             "--validation-fraction", "0.25", "--eval-tokens", "128", "--lr", "1e-2", "--warmup-steps", "2",
             "--seed", "0", "--output-dir", str(output_dir), *extra]
@@ -247,7 +246,7 @@ def test_ttt_mlp_inner_lr_warms_up_and_the_saved_config_holds_the_target(corpus,
     output_dir = tmp_path / "mlp"
     assert train_cli.main(run_args(corpus, tiny_json, output_dir, "--batch-size", "4", "--max-steps", "3",
                                    "--eval-every", "0", "--save-every", "1", "--report-to", "tensorboard",
-                                   "--set", "ttt_layer_type=mlp", "--set", "ttt_base_lr=0.1")) == 0
+                                   "--set", "ttt_layer_type=mlp", "--set", "ttt_base_lr=0.1", packing=False)) == 0
     assert list((output_dir / "logs").rglob("events.out.tfevents.*"))  # the Accelerate tracker wrote too
     _, steps = read_metrics(output_dir)
     assert [s["ttt_base_lr"] for s in steps] == pytest.approx([0.01, 0.055, 0.1])  # over the 2 warm-up steps
