@@ -138,6 +138,15 @@ def run_args(corpus, config, output_dir, *extra, packing=True):
     return args if packing else args + ["--no-packing"]
 
 
+def run_main(args):
+    """`ttt-train` in this process. Accelerate keeps one state per process, so a Trainer or Accelerator made by an
+    earlier test (another mixed precision, say) would be refused: start from a fresh state, as a new process does."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return train_cli.main(args)
+
+
 def read_metrics(output_dir):
     lines = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in lines if "loss" in line]
@@ -153,7 +162,7 @@ def cli(args, **kwargs):
 def reference(corpus, tiny_json, tmp_path_factory):
     """An uninterrupted 8-step run with batch 4 (in this process): every step's loss, for the other runs."""
     output_dir = tmp_path_factory.mktemp("reference") / "run"
-    assert train_cli.main(run_args(corpus, tiny_json, output_dir, "--batch-size", "4", "--max-steps", "8",
+    assert run_main(run_args(corpus, tiny_json, output_dir, "--batch-size", "4", "--max-steps", "8",
                                    "--save-every", "3", "--eval-every", "4")) == 0
     return output_dir
 
@@ -203,7 +212,7 @@ def test_exact_resume_after_sigkill(reference, corpus, tiny_json, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.communicate()
     assert not (output_dir / "checkpoint-8").exists()
-    assert train_cli.main(args + ["--resume"]) == 0
+    assert run_main(args + ["--resume"]) == 0
     lines, steps = read_metrics(output_dir)
     _, expected = read_metrics(reference)
     assert [s["step"] for s in steps] == list(range(1, 9))  # each step once
@@ -234,7 +243,7 @@ def test_two_process_ddp_equals_one_process(reference, corpus, tiny_json, tmp_pa
 
 def test_activation_checkpointing_gives_the_same_losses(reference, corpus, tiny_json, tmp_path):
     output_dir = tmp_path / "checkpointed"
-    assert train_cli.main(run_args(corpus, tiny_json, output_dir, "--batch-size", "4", "--max-steps", "3",
+    assert run_main(run_args(corpus, tiny_json, output_dir, "--batch-size", "4", "--max-steps", "3",
                                    "--eval-every", "0", "--activation-checkpointing",
                                    "--set", "scan_checkpoint_group_size=2")) == 0
     _, steps = read_metrics(output_dir)
@@ -244,7 +253,7 @@ def test_activation_checkpointing_gives_the_same_losses(reference, corpus, tiny_
 
 def test_ttt_mlp_inner_lr_warms_up_and_the_saved_config_holds_the_target(corpus, tiny_json, tmp_path):
     output_dir = tmp_path / "mlp"
-    assert train_cli.main(run_args(corpus, tiny_json, output_dir, "--batch-size", "4", "--max-steps", "3",
+    assert run_main(run_args(corpus, tiny_json, output_dir, "--batch-size", "4", "--max-steps", "3",
                                    "--eval-every", "0", "--save-every", "1", "--report-to", "tensorboard",
                                    "--set", "ttt_layer_type=mlp", "--set", "ttt_base_lr=0.1", packing=False)) == 0
     assert list((output_dir / "logs").rglob("events.out.tfevents.*"))  # the Accelerate tracker wrote too
@@ -259,7 +268,7 @@ def test_baseline_runs_save_loadable_folders(arch, corpus, tiny_json, tmp_path, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     output_dir = tmp_path / arch
-    assert train_cli.main(run_args(corpus, tiny_json, output_dir, "--arch", arch, "--batch-size", "4",
+    assert run_main(run_args(corpus, tiny_json, output_dir, "--arch", arch, "--batch-size", "4",
                                    "--max-steps", "3", "--eval-every", "0")) == 0
     out = capsys.readouterr().out
     assert f"{arch}: " in out and "parameters" in out
@@ -296,7 +305,7 @@ def test_bad_inputs_are_one_line_errors_before_any_compute(corpus, tiny_json, tm
         output_dir = tmp_path / label.replace(" ", "_")
         args = run_args(corpus, tiny_json, output_dir, "--max-steps", "2")
         # later flags win in argparse
-        assert train_cli.main(args + extra) == 2, label
+        assert run_main(args + extra) == 2, label
         err = capsys.readouterr().err.strip()
         assert err.startswith("ttt-train: error: ") and "\n" not in err and message in err, (label, err)
         assert not output_dir.exists(), label
@@ -313,7 +322,7 @@ def test_existing_run_and_other_config_are_refused(reference, corpus, tiny_json,
          "global_batch_size"),
     ]
     for args, message in cases:
-        assert train_cli.main(args) == 2
+        assert run_main(args) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and message in err, err
     assert sorted(p.name for p in reference.iterdir()) == before
