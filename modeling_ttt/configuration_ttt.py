@@ -23,10 +23,11 @@ from .ops import TTT_IMPLEMENTATIONS
 
 TTT_LAYER_TYPES = ("linear", "mlp")
 
-# Presets shipped as JSON under `configuration/` (paper Table 5 sizes).
+# Presets shipped as JSON under `configuration/`: the paper's Table 5 sizes, and a 5M-parameter TTT-Linear that
+# trains in minutes on a laptop CPU (`ttt-train`'s default).
 PRESET_NAMES = tuple(
     f"{size}-{kind}" for size in ("125m", "350m", "760m", "1.3b") for kind in ("linear", "mlp")
-)
+) + ("5m-linear",)
 
 
 # ----------------------------------------------------------------------------------------------------------------

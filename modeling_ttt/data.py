@@ -65,7 +65,7 @@ def _read_text(path: Path) -> str:
         raise DataError(f"Cannot read {path}: {error.strerror or error}.") from error
 
 
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
+def _jsonl_documents(path: Path, text_field: str, name: str) -> Iterator[Document]:
     with path.open(encoding="utf-8", errors="replace") as file:
         for number, line in enumerate(file, 1):
             if not line.strip():
@@ -82,16 +82,18 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
             if not isinstance(text, str):
                 raise DataError(f"{path}:{number}: field {text_field!r} must be a string, got {type(text).__name__}.")
             if text.strip():
-                yield Document(f"{path}:{number}", text)
+                yield Document(f"{name}:{number}", text)
 
 
-def _file_documents(path: Path, text_field: str) -> Iterator[Document]:
+def _file_documents(path: Path, text_field: str, name: str | None = None) -> Iterator[Document]:
+    # `name` (default: the path as given) names the documents, and so decides their side of the split
+    name = str(path) if name is None else name
     if path.suffix in JSONL_SUFFIXES:
-        yield from _jsonl_documents(path, text_field)
+        yield from _jsonl_documents(path, text_field, name)
     else:
         text = _read_text(path)
         if text.strip():
-            yield Document(str(path), text)
+            yield Document(name, text)
 
 
 def _folder_files(folder: Path) -> list[Path]:
@@ -142,7 +144,9 @@ def iter_documents(sources: Sequence[str] | None = None, text_field: str = "text
     """Documents from `sources`, in order: each a text file (one document), a JSONL file (one per record's
     `text_field`), a folder (its text and JSONL files, recursively, sorted by path), a folder written by
     `datasets`' `save_to_disk`, or a `datasets` name (`split`, `streaming`). No sources: the CPython standard
-    library's `.py` files. Blank documents are skipped. A source that does not exist is a `DataError` at once."""
+    library's `.py` files. Documents of a folder are named by their path inside it (so the split does not depend
+    on where the folder lives), those of a file by its path as given. Blank documents are skipped. A source that
+    does not exist is a `DataError` at once."""
     if not sources:
         yield from stdlib_documents()
         return
@@ -156,7 +160,8 @@ def iter_documents(sources: Sequence[str] | None = None, text_field: str = "text
                 raise DataError(f"Folder {source} holds no text or JSONL files "
                                 f"({', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)}).")
             for file in files:
-                yield from _file_documents(file, text_field)
+                # named relative to the folder: the split does not depend on where the folder lives
+                yield from _file_documents(file, text_field, file.relative_to(path).as_posix())
         elif path.is_dir() or not os.path.exists(source) and _looks_like_dataset_name(source):
             yield from _dataset_documents(source, text_field, split, streaming)
         else:
@@ -222,6 +227,89 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 8192, model_max_
                                    pad_token=special[2], model_max_length=model_max_length)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Tokens and rows
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenStream:
+    """All documents' tokens back to back (`tokens`, each document followed by the end-of-document token) and
+    where each document starts (`starts`, True at a document's first token)."""
+
+    tokens: "np.ndarray"  # int32, (num_tokens,)
+    starts: "np.ndarray"  # bool, (num_tokens,)
+    num_documents: int
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def tokenize_documents(documents: Sequence[Document], tokenizer, batch_size: int = 256) -> TokenStream:
+    """Encode every document (no automatic special tokens) and append the tokenizer's end-of-document token after
+    each, so that the model learns where a document ends and the next one starts after it."""
+    import numpy as np
+
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("The tokenizer has no eos token (needed between documents).")
+    pieces, starts = [], []
+    for begin in range(0, len(documents), batch_size):
+        texts = [document.text for document in documents[begin:begin + batch_size]]
+        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            piece = np.asarray(ids + [eos], dtype=np.int32)
+            start = np.zeros(len(piece), dtype=bool)
+            start[0] = True
+            pieces.append(piece)
+            starts.append(start)
+    if not pieces:
+        return TokenStream(np.zeros(0, dtype=np.int32), np.zeros(0, dtype=bool), 0)
+    return TokenStream(np.concatenate(pieces), np.concatenate(starts), len(pieces))
+
+
+def num_rows(stream: TokenStream, seq_len: int) -> int:
+    """Rows of `seq_len` tokens the stream fills (the incomplete tail is dropped)."""
+    return len(stream) // seq_len
+
+
+def packed_row(stream: TokenStream, index: int, seq_len: int, packing: bool = True) -> dict:
+    """Row `index` of the stream cut into rows of `seq_len` tokens, as `input_ids`, `position_ids` and `labels`
+    (int64 tensors of shape (seq_len,)).
+
+    Packing (the default): a row holds pieces of consecutive documents. `position_ids` restart at 0 at each
+    document start *and at the row start*: the model starts every row from its initial state (a document cut by a
+    row end continues in the next row as a new sequence) and, within a row, restarts its state where a document
+    starts. `labels` are the input ids with -100 at every restart, so that no token is predicted from before its
+    sequence start (the loss shifts the labels by one: position t-1 predicts labels[t]).
+
+    Without packing: position ids count from 0 over the whole row and every next token is a target (documents are
+    separated by the end-of-document token only)."""
+    import torch
+
+    begin, end = index * seq_len, (index + 1) * seq_len
+    if index < 0 or end > len(stream):
+        raise IndexError(f"row {index} is beyond the {num_rows(stream, seq_len)} rows of {seq_len} tokens.")
+    input_ids = torch.from_numpy(stream.tokens[begin:end].astype("int64"))
+    if not packing:
+        return {"input_ids": input_ids, "position_ids": torch.arange(seq_len), "labels": input_ids.clone()}
+    restart = torch.from_numpy(stream.starts[begin:end].copy())
+    restart[0] = True
+    # position = distance to the latest restart at or before it
+    positions = torch.arange(seq_len)
+    last_restart = torch.cummax(torch.where(restart, positions, torch.zeros_like(positions)), dim=0).values
+    position_ids = positions - last_restart
+    labels = input_ids.masked_fill(restart, -100)
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+
+
+def row_batch(stream: TokenStream, indices: Sequence[int], seq_len: int, packing: bool = True) -> dict:
+    """Rows `indices` stacked into a batch: a dict of (len(indices), seq_len) int64 tensors."""
+    import torch
+
+    rows = [packed_row(stream, int(index), seq_len, packing) for index in indices]
+    return {key: torch.stack([row[key] for row in rows]) for key in ("input_ids", "position_ids", "labels")}
+
+
 __all__ = [
     "DEFAULT_CORPUS",
     "DataError",
@@ -229,8 +317,13 @@ __all__ = [
     "is_validation_document",
     "iter_documents",
     "load_documents",
+    "num_rows",
+    "packed_row",
+    "row_batch",
     "split_documents",
     "stdlib_documents",
     "stdlib_files",
+    "TokenStream",
+    "tokenize_documents",
     "train_bpe_tokenizer",
 ]
