@@ -690,6 +690,9 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
     streamer = TextStreamer(tokenizer, skip_special_tokens=True)
     kwargs = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
     with torch.no_grad():
+        # one token first, unstreamed: a first decoding step may build the C++ kernels, whose note would otherwise
+        # land in the middle of the streamed text
+        model.generate(input_ids, max_new_tokens=1, do_sample=False)
         output = model.generate(input_ids, max_new_tokens=max_new_tokens, streamer=streamer, **kwargs)
     return tokenizer.decode(output[0], skip_special_tokens=True)
 
