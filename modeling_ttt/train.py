@@ -882,6 +882,15 @@ def main(argv=None) -> int:
     except (ValueError, ImportError) as error:  # e.g. fp16 without a GPU, a tracker that is not installed
         print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
         return 2
+    if report_to and "all" not in report_to:
+        # Accelerate drops a requested tracker whose package is missing with a warning only: refuse instead
+        kept = {str(getattr(tracker, "value", None) or getattr(tracker, "name", tracker)).lower()
+                for tracker in accelerator.log_with}
+        missing = [name for name in report_to if str(name).lower() not in kept]
+        if missing:
+            print(f"{PROG}: error: --report-to {' '.join(missing)}: not available here (is its package installed? "
+                  "e.g. pip install tensorboard)", file=sys.stderr)
+            return 2
     try:
         setup = prepare(args, accelerator)
     except UsageError as error:

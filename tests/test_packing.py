@@ -37,7 +37,7 @@ def separate_run(model, docs):
     model.zero_grad()
     logits, total = [], 0.0
     for doc in docs:
-        output = model(doc, labels=doc, use_cache=False)
+        output = model(doc, labels=doc, use_cache=False, return_logits=True)
         logits.append(output.logits.detach())
         if doc.shape[1] > 1:
             total = total + output.loss * (doc.shape[1] - 1)
@@ -48,7 +48,7 @@ def separate_run(model, docs):
 def packed_run(model, docs, **kwargs):
     """Logits and loss-sum gradients of the packed row (`kwargs` replace or add model inputs)."""
     input_ids, position_ids, labels = packed(docs)
-    inputs = dict(input_ids=input_ids, position_ids=position_ids, labels=labels, use_cache=False)
+    inputs = dict(input_ids=input_ids, position_ids=position_ids, labels=labels, use_cache=False, return_logits=True)
     inputs.update(kwargs)
     inputs = {k: v for k, v in inputs.items() if v is not None}
     model.zero_grad()

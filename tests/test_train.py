@@ -1,6 +1,7 @@
 """ttt-train (modeling_ttt.train): packing layout, the split, real tiny runs (in this process and as subprocesses),
 exact resume after SIGKILL, 2-process DDP against 1 process, Llama / Mamba2 baselines, bad input."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -297,6 +298,8 @@ def bad_input_cases(corpus, tiny_json, tmp_path):
         "unknown --set key": (["--set", "hiden_size=64"], "did you mean hidden_size"),
         "bad --set value": (["--set", "mini_batch_size=1.5"], "mini_batch_size must be"),
         "resume without checkpoint": (["--resume"], "no complete checkpoint"),
+        **({} if importlib.util.find_spec("aim") else {
+            "tracker not installed": (["--report-to", "aim"], "--report-to aim: not available here")}),
     }
 
 
