@@ -362,6 +362,19 @@ def model_specs(args, device: torch.device, dtype: torch.dtype, impls: list[str]
 # -- measurements ------------------------------------------------------------------------------------------------
 
 
+#: Where an output holds the model's cache, which is also the forward argument taking it back: `cache` from
+#: transformers 5.24 on; before, `past_key_values` (TTT, Llama) or `cache_params` (Mamba2).
+CACHE_FIELDS = ("cache", "past_key_values", "cache_params")
+
+
+def _model_cache(output) -> tuple[str, object]:
+    for name in CACHE_FIELDS:
+        if getattr(output, name, None) is not None:
+            return name, getattr(output, name)
+    raise EvaluationError(f"the model returned no cache (none of {', '.join(CACHE_FIELDS)} in its output): "
+                          "decode speed needs one")
+
+
 @torch.inference_mode()
 def measure(model, length: int, args, device: torch.device, memory: PeakMemory) -> dict:
     """One (model, length) point: prefill and decode speed and peak memory (see the module docstring)."""
@@ -386,7 +399,7 @@ def measure(model, length: int, args, device: torch.device, memory: PeakMemory) 
     prefill_peak = memory.peak_mib()
     prefill_seconds = statistics.median(times)
 
-    cache = output.cache
+    cache_name, cache = _model_cache(output)
     token = output.logits[:, -1].argmax(dim=-1, keepdim=True)
     del output
     memory.reset()
@@ -394,12 +407,12 @@ def measure(model, length: int, args, device: torch.device, memory: PeakMemory) 
     for step in range(args.warmup + args.decode_tokens):
         _synchronize(device)
         start = time.perf_counter()
-        output = model(token, cache=cache, use_cache=True, logits_to_keep=1)
+        output = model(token, **{cache_name: cache}, use_cache=True, logits_to_keep=1)
         token = output.logits[:, -1].argmax(dim=-1, keepdim=True)
         _synchronize(device)
         if step >= args.warmup:
             steps.append(time.perf_counter() - start)
-        cache = output.cache
+        cache = getattr(output, cache_name)
     decode_peak = memory.peak_mib()
     step_seconds = statistics.median(steps)
     return dict(prefill_tokens_per_s=args.batch_size * length / prefill_seconds, prefill_ms=prefill_seconds * 1e3,
