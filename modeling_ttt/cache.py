@@ -140,6 +140,14 @@ class TTTCache(Cache):
             "kept. Re-run the prefix instead."
         )
 
+    def activate_past_recording(self, *args, **kwargs) -> None:
+        """Speculative decoding's hook (transformers ≥ 5.25) to record states to roll back to: a TTT cache keeps
+        none (`TTTForCausalLM.generate` refuses those modes first; this guards other callers)."""
+        raise ValueError(
+            "A TTT cache cannot record past states to roll back to (assisted / prompt-lookup decoding): its state is "
+            "a model updated by every token. Decode without a draft model."
+        )
+
     def to(self, device=None, dtype=None) -> "TTTCache":
         """Move the state; `dtype` applies to floating tensors only (the token counters stay int64)."""
         def move(t: torch.Tensor) -> torch.Tensor:

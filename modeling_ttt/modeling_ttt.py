@@ -60,7 +60,7 @@ class TTTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["TTTBlock"]
-    _is_stateful = True  # generate() then refuses assisted / prompt-lookup decoding
+    _is_stateful = True  # no rolling back of the state (see `_refuse_draft_decoding`)
 
     def save_pretrained(self, save_directory, *args, with_code: bool = True, **kwargs):
         """[`PreTrainedModel.save_pretrained`], and by default the modeling code with it: flat copies of this
@@ -299,6 +299,25 @@ class TTTModel(TTTPreTrainedModel):
         )
 
 
+DRAFT_DECODING_ERROR = (
+    "TTT models cannot use assisted, prompt-lookup or early-exit decoding: those modes roll the cache back over "
+    "rejected draft tokens, and a TTT state is a model updated by every token, with no earlier state kept."
+)
+
+
+def _refuse_draft_decoding(kwargs: dict, default_config) -> None:
+    """Speculative modes verify draft tokens and roll the cache back over the rejected ones. transformers up to
+    5.24 refused them for `_is_stateful` models; 5.25 instead records recurrent states to roll back to, which a
+    TTT cache does not keep. Refused here, before any compute, on every release."""
+    config = kwargs.get("generation_config") or default_config
+    asked = [
+        name for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+        if kwargs.get(name) is not None or getattr(config, name, None) is not None
+    ]
+    if asked:
+        raise ValueError(f"{DRAFT_DECODING_ERROR} (asked for: {', '.join(asked)})")
+
+
 class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -352,6 +371,7 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         prompt = inputs if inputs is not None else kwargs.get("input_ids")
         if isinstance(prompt, torch.Tensor):
             _check_inputs(prompt, None, from_generate=True)
+        _refuse_draft_decoding(kwargs, self.generation_config)
         return super().generate(inputs, *args, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):

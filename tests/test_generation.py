@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, TextIteratorStreamer, TextStreamer
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TextIteratorStreamer, TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from conftest import tiny_model
@@ -239,14 +239,28 @@ def test_continuing_with_a_cache_of_another_batch_size_is_a_clear_error():
 # -- refused modes ---------------------------------------------------------------------------------------------
 
 
-def test_assisted_decoding_is_refused_with_transformers_error():
+def test_draft_decoding_modes_are_refused_before_any_compute():
+    """transformers ≤ 5.24 refused assisted decoding for stateful models itself; 5.25 tries to record recurrent
+    states to roll back to. Ours refuses every draft mode on every release, with one message."""
     model = tiny_model("linear", "mamba")
     assistant = tiny_model("linear", "mamba", seed=1)
-    message = "assisted generation is not supported with stateful models"
-    with pytest.raises(ValueError, match=message):
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    message = "cannot use assisted, prompt-lookup or early-exit decoding"
+    with pytest.raises(ValueError, match=message + r".*assistant_model"):
         generate(model, prompt(6), assistant_model=assistant, max_new_tokens=4)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message + r".*prompt_lookup_num_tokens"):
         generate(model, prompt(6), prompt_lookup_num_tokens=3, max_new_tokens=4)
+    with pytest.raises(ValueError, match=message + r".*prompt_lookup_num_tokens"):
+        generate(model, prompt(6), generation_config=GenerationConfig(prompt_lookup_num_tokens=3, max_new_tokens=4))
+    handle.remove()
+    assert calls == []
+
+
+def test_the_cache_refuses_to_record_past_states():
+    cache = TTTCache(tiny_model("linear", "mamba").config)
+    with pytest.raises(ValueError, match="cannot record past states"):
+        cache.activate_past_recording(recurrent_states_to_keep=3)
 
 
 def test_logits_processors_see_cached_logits():
