@@ -305,11 +305,11 @@ DRAFT_DECODING_ERROR = (
 )
 
 
-def _refuse_draft_decoding(kwargs: dict, default_config) -> None:
+def _refuse_draft_decoding(generation_config, kwargs: dict, default_config) -> None:
     """Speculative modes verify draft tokens and roll the cache back over the rejected ones. transformers up to
     5.24 refused them for `_is_stateful` models; 5.25 instead records recurrent states to roll back to, which a
     TTT cache does not keep. Refused here, before any compute, on every release."""
-    config = kwargs.get("generation_config") or default_config
+    config = generation_config or default_config
     asked = [
         name for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
         if kwargs.get(name) is not None or getattr(config, name, None) is not None
@@ -371,7 +371,7 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         prompt = inputs if inputs is not None else kwargs.get("input_ids")
         if isinstance(prompt, torch.Tensor):
             _check_inputs(prompt, None, from_generate=True)
-        _refuse_draft_decoding(kwargs, self.generation_config)
+        _refuse_draft_decoding(args[0] if args else kwargs.get("generation_config"), kwargs, self.generation_config)
         return super().generate(inputs, *args, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):

@@ -253,6 +253,8 @@ def test_draft_decoding_modes_are_refused_before_any_compute():
         generate(model, prompt(6), prompt_lookup_num_tokens=3, max_new_tokens=4)
     with pytest.raises(ValueError, match=message + r".*prompt_lookup_num_tokens"):
         generate(model, prompt(6), generation_config=GenerationConfig(prompt_lookup_num_tokens=3, max_new_tokens=4))
+    with pytest.raises(ValueError, match=message + r".*assistant_early_exit"):  # generate(inputs, generation_config)
+        model.generate(prompt(6), GenerationConfig(assistant_early_exit=1, max_new_tokens=4, pad_token_id=PAD))
     handle.remove()
     assert calls == []
 
