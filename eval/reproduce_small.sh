@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's comparison at CPU scale (eval/README.md, "Reproduction at CPU scale"): TTT-Linear, TTT-MLP, Llama and
+# The paper's comparison at CPU scale (its results are to go in eval/README.md): TTT-Linear, TTT-MLP, Llama and
 # Mamba2 of about the same parameter count, trained by ttt-train on the same tokens of the embedded corpus (the
 # CPython standard library's .py files) with one shared tokenizer, then compared by ttt-eval.
 #
