@@ -1,6 +1,7 @@
 """`ttt-eval speed` and `ttt-eval state` on tiny models (CPU, a few tokens): the outputs, their rows, the inner-loop
 probe's agreement with the cache, and one-line errors with exit status 2 for bad input."""
 
+import argparse
 import csv
 import json
 import math
@@ -10,8 +11,10 @@ import torch
 
 from conftest import tiny_model
 from modeling_ttt.evaluation.cli import main
-from modeling_ttt.evaluation.speed import baseline_config, count_parameters, tensor_bytes
+from modeling_ttt.evaluation import speed
+from modeling_ttt.evaluation.speed import tensor_bytes
 from modeling_ttt.evaluation.state import InnerLoopProbe, record_indices, stream_state_statistics
+from modeling_ttt.train import baseline_config, count_parameters
 
 VOCAB = 300  # the smallest byte-level BPE vocabulary with a few merges (256 bytes + 3 special tokens + merges)
 
@@ -98,17 +101,19 @@ def test_speed_bad_inputs(folders, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("arch", ["llama", "mamba2"])
-def test_baseline_config_matches_the_parameter_count(arch):
+def test_speed_baselines_are_sized_as_ttt_train_sizes_them(arch):
     from modeling_ttt import TTTConfig
 
     ttt = TTTConfig.from_preset("125m-linear")
-    target = count_parameters(ttt)
-    config = baseline_config(arch, target, ttt.vocab_size, hidden_size=ttt.hidden_size)
-    assert config.model_type == arch
-    assert abs(count_parameters(config) - target) / target <= 0.1
-    tiny_target = count_parameters(tiny_model().config)  # embeddings dominate: the width is adjusted too
-    tiny = baseline_config(arch, tiny_target, 97, hidden_size=32, head_dim=8)
-    assert abs(count_parameters(tiny) - tiny_target) / tiny_target <= 0.1
+    parser = argparse.ArgumentParser()
+    speed.add_arguments(parser)
+    args = parser.parse_args(["--preset", "125m-linear", "--baseline", arch, "--lengths", "64,4096"])
+    spec = speed.model_specs(args, torch.device("cpu"), torch.float32, ["torch"])[1]
+    trained, target, params, _ = baseline_config(arch, ttt, seq_len=4096 + args.warmup + args.decode_tokens)
+    assert spec.arch == arch and spec.config.to_dict() == trained.to_dict()
+    assert count_parameters(spec.config) == params and abs(params - target) / target < 0.02
+    if arch == "llama":  # room for the longest prefill and its decode steps
+        assert spec.config.max_position_embeddings >= 4096 + args.warmup + args.decode_tokens
 
 
 def test_tensor_bytes_counts_shared_storage_once():

@@ -21,10 +21,11 @@ What is measured, for every (model, backend, context length L), batch `--batch-s
   output records which method was used (`memory_method`), including when the reset is not possible (then the
   figure is the process's peak so far and only its growth is meaningful).
 
-Random-initialised models: `--preset NAME` (TTT) and `--baseline llama|mamba2`, sized by [`baseline_config`] to
-the parameter count of the first TTT model of the run (within `--size-tolerance`). Speed does not depend on the
-weights. Mamba2 is fast only with the `mamba_ssm` and `causal_conv1d` kernels (CUDA); without them transformers
-runs a PyTorch reference, and the JSON says so (`fast_kernels`).
+Random-initialised models: `--preset NAME` (TTT) and `--baseline llama|mamba2`, sized to the parameter count of
+the first TTT model of the run exactly as `ttt-train --arch llama|mamba2` sizes them
+(`modeling_ttt.train.baseline_config`). Speed does not depend on the weights. Mamba2 is fast only with the
+`mamba_ssm` and `causal_conv1d` kernels (CUDA); without them transformers runs a PyTorch reference, and the JSON
+says so (`fast_kernels`).
 
 Outputs: `--output FILE.json` (default `speed.json`) with the settings and every row, the rows as CSV (`--csv`,
 default beside it) and the plot (`--plot`, default beside it), written together or not at all.
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import os
 import platform
 import statistics
@@ -47,90 +47,13 @@ import torch
 
 from . import common
 from .common import EvaluationError
+from ..train import baseline_config, count_parameters
 
 BASELINE_ARCHS = ("llama", "mamba2")
 DTYPES = {name: common.DTYPES[name] for name in ("float32", "bfloat16", "float16")}
-#: The widths of the paper's four sizes (the presets in `configuration/`: 125M, 350M, 760M, 1.3B) by parameter count; a
-#: baseline sized without an explicit width takes the one of the nearest size.
-PAPER_WIDTHS = ((125e6, 768), (350e6, 1024), (760e6, 1536), (1.3e9, 2048))
 CSV_FIELDS = ("label", "arch", "ttt_impl", "params", "device", "dtype", "batch", "length",
               "prefill_tokens_per_s", "prefill_ms", "prefill_peak_mib", "decode_tokens_per_s", "decode_ms_per_token",
               "decode_peak_mib", "cache_mib", "weights_mib", "memory_method")
-
-
-# -- baseline sizing ---------------------------------------------------------------------------------------------
-
-
-def count_parameters(config) -> int:
-    """Parameters of `AutoModelForCausalLM.from_config(config)`, tied weights counted once. Built on the meta device:
-    exact, and no memory or time spent on real weights."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
-
-
-def _baseline_config_for(arch: str, hidden_size: int, num_layers: int, vocab_size: int, head_dim: int,
-                         intermediate_ratio: float, tie_word_embeddings: bool, max_position_embeddings: int):
-    from transformers import LlamaConfig, Mamba2Config
-
-    if arch == "llama":
-        # the paper's Transformer baseline: Llama-style blocks (RoPE, SwiGLU), full multi-head attention
-        heads = max(1, hidden_size // head_dim)
-        intermediate = max(8, 8 * round(intermediate_ratio * hidden_size / 8))
-        return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate,
-                           num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=heads,
-                           max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
-                           attn_implementation="sdpa")
-    # Mamba2 (Dao & Gu 2024) with its usual expansion 2: heads of `head_dim` channels over 2 · hidden_size
-    expand = 2
-    mamba_head_dim = head_dim if (expand * hidden_size) % head_dim == 0 else hidden_size
-    state_size = 128 if hidden_size >= 256 else 16
-    return Mamba2Config(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers, expand=expand,
-                        head_dim=mamba_head_dim, num_heads=expand * hidden_size // mamba_head_dim, n_groups=1,
-                        state_size=state_size, chunk_size=256, tie_word_embeddings=tie_word_embeddings)
-
-
-def baseline_config(arch: str, target_params: int, vocab_size: int, *, hidden_size: int | None = None,
-                    head_dim: int = 64, intermediate_ratio: float = 8 / 3, tie_word_embeddings: bool = True,
-                    max_position_embeddings: int = 2048, tolerance: float = 0.1):
-    """A transformers config of a `arch` ("llama" or "mamba2") language model with about `target_params` parameters.
-
-    The width is `hidden_size` (by default the paper's width for the nearest of its sizes); the number of layers is
-    the one whose exact parameter count (`count_parameters`) is nearest to the target. When no layer count lands
-    within `tolerance` (relative) of the target — small models, where the embeddings dominate — nearby widths
-    (multiples of `head_dim`, 0.5× to 2×) are tried as well, the one nearest to the requested width first.
-    """
-    if arch not in BASELINE_ARCHS:
-        raise EvaluationError(f"--baseline must be one of {', '.join(BASELINE_ARCHS)}, got {arch!r}")
-    if hidden_size is None:
-        hidden_size = min(PAPER_WIDTHS, key=lambda size: abs(math.log(size[0] / max(target_params, 1))))[1]
-    head_dim = min(head_dim, hidden_size)
-
-    def sized(width: int):
-        def config_with(layers):
-            return _baseline_config_for(arch, width, layers, vocab_size, head_dim, intermediate_ratio,
-                                        tie_word_embeddings, max_position_embeddings)
-
-        one, two = count_parameters(config_with(1)), count_parameters(config_with(2))
-        per_layer, rest = two - one, 2 * one - two  # parameters are affine in the layer count
-        layers = max(1, round((target_params - rest) / per_layer))
-        config = config_with(layers)
-        return config, abs(count_parameters(config) - target_params) / target_params
-
-    best = sized(hidden_size)
-    if best[1] <= tolerance:
-        return best[0]
-    widths = {max(head_dim, head_dim * round(hidden_size * f / head_dim)) for f in (0.5, 0.625, 0.75, 0.875, 1.25,
-                                                                                    1.5, 1.75, 2.0)}
-    for width in sorted(widths - {hidden_size}, key=lambda w: abs(math.log(w / hidden_size))):
-        candidate = sized(width)
-        if candidate[1] < best[1]:
-            best = candidate
-        if best[1] <= tolerance:
-            break
-    return best[0]
 
 
 # -- memory ------------------------------------------------------------------------------------------------------
@@ -339,18 +262,14 @@ def model_specs(args, device: torch.device, dtype: torch.dtype, impls: list[str]
         reference = next((spec.config for spec in specs if spec.arch == "ttt"), None)
         if reference is None:
             raise EvaluationError("--baseline needs a TTT model to match in size (--preset or a TTT --model folder)")
-        target = count_parameters(reference)
         for arch in args.baseline:
-            config = baseline_config(arch, target, reference.vocab_size, hidden_size=reference.hidden_size,
-                                     head_dim=reference.hidden_size // reference.num_attention_heads,
-                                     intermediate_ratio=reference.intermediate_size / reference.hidden_size,
-                                     tie_word_embeddings=reference.tie_word_embeddings,
-                                     max_position_embeddings=max(max(args.lengths) * 2, 2048),
-                                     tolerance=args.size_tolerance)
+            # positions for the longest prefill plus its decode steps
+            config = baseline_config(arch, reference, seq_len=max(args.lengths) + args.warmup + args.decode_tokens)[0]
 
             def build(config=config):
                 torch.manual_seed(args.seed)
-                return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+                kwargs = {"attn_implementation": "sdpa"} if config.model_type == "llama" else {}
+                return AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs).to(device).eval()
 
             specs.append(ModelSpec(arch, arch, config, build))
     if not specs:
@@ -474,8 +393,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a random-initialised TTT preset, e.g. 125m-linear; repeatable")
     models.add_argument("--baseline", action="append", default=[], choices=BASELINE_ARCHS,
                         help="a random-initialised baseline sized to the first TTT model; repeatable")
-    models.add_argument("--size-tolerance", type=float, default=0.1,
-                        help="relative parameter-count tolerance of the baselines (default 0.1)")
     models.add_argument("--ttt-impl", default=None, metavar="LIST",
                         help="comma list of TTT backends (torch, cpp, triton, auto); default: all that run here")
     models.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="default float32")
