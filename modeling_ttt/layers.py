@@ -272,7 +272,7 @@ class TTTLayerBase(nn.Module):
         if inner_loop is None:
             inner_loop = get_ttt_ops(self.config.ttt_impl, self.layer_type, hidden_states.device, self.head_dim)
         if layout is not None:
-            state = layout.initial_state(self.inner_weights())  # every document starts afresh (G = 0)
+            state = None  # every document starts afresh (G = 0), below
         elif layer_state is not None and layer_state.inner_state is not None:
             state = layer_state.inner_state
         else:
@@ -301,10 +301,15 @@ class TTTLayerBase(nn.Module):
         if layout is None:
             out, new_state = inner_loop(xq, xk, xv, inner_lr, self.inner_loop_params(), state, num_tokens)
         else:
-            # One op call over the documents as a batch [N, H, L, ·], right-padded to the longest, then back.
-            views = (layout.unpack(t) for t in (xq, xk, xv, inner_lr))
-            out, document_states = inner_loop(*views, self.inner_loop_params(), state, layout.doc_lengths)
-            out, new_state = layout.pack(out), layout.last_document_state(document_states)
+            # One op call per group of documents of similar length [n, H, L, ·], right-padded, then back.
+            params, weights, outputs, states = self.inner_loop_params(), self.inner_weights(), [], []
+            for group in layout.groups:
+                views = (group.unpack(t) for t in (xq, xk, xv, inner_lr))
+                fresh = InnerState.initial(weights, group.documents.shape[0])
+                group_out, group_state = inner_loop(*views, params, fresh, group.lengths)
+                outputs.append(group_out)
+                states.append(group_state)
+            out, new_state = layout.pack(outputs), layout.last_document_state(states)
         if layer_state is not None:
             layer_state.inner_state = new_state
 

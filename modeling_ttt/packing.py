@@ -14,8 +14,8 @@ read zeros before the document's first token, as they do before a sequence's fir
 Only those three things depend on the documents; everything token-wise (embeddings, projections, norms, MLPs, the
 head) runs on the packed `[B, T]` layout unchanged. `DocumentLayout`, built once per forward by `document_layout`,
 tells the layers where the documents lie: the index of every token inside its document (for the convs and RoPE),
-and how to move the inner loop's inputs into a batch of documents `[N, H, L, ·]` (right-padded to the longest, the
-`num_tokens` convention every backend supports) and its outputs back. A batch with no document start after a row's
+and how to move the inner loop's inputs into batches of documents `[n, H, L, ·]` (documents of similar length,
+right-padded to the longest: the `num_tokens` convention every backend supports) and its outputs back. A batch with no document start after a row's
 first token gets no layout, so it takes the plain path.
 """
 
@@ -32,30 +32,54 @@ PACKING_KWARGS = ("seq_idx", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "
 
 
 @dataclass
+class DocumentGroup:
+    """Documents of similar length that the inner loop runs as one batch `[n, H, L, ·]`, right-padded to the longest
+    (`L` tokens); `documents` are their indices among the layout's `N`."""
+
+    documents: torch.Tensor
+    lengths: torch.Tensor
+    max_length: int
+    unpack_index: torch.Tensor  # [n·L] flat index b·T + t of each slot's packed token (any token past an end)
+    unpack_valid: torch.Tensor  # [n, L] the slot holds a token of its document
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """`[B, H, T, *]` -> `[n, H, L, *]`, each document from slot 0, zeros past its end."""
+        rest = x.shape[3:]
+        tokens = x.movedim(2, 1).flatten(0, 1)  # [B·T, H, *]
+        n = self.documents.shape[0]
+        docs = tokens.index_select(0, self.unpack_index).unflatten(0, (n, self.max_length))
+        valid = self.unpack_valid.view(n, self.max_length, *([1] * (1 + len(rest))))
+        return docs.masked_fill(~valid, 0.0).movedim(1, 2)  # [n, H, L, *]
+
+
+@dataclass
 class DocumentLayout:
-    """Where the documents of a packed batch `[B, T]` lie (`N` documents, the longest `L` tokens long).
+    """Where the documents of a packed batch `[B, T]` lie (`N` documents).
 
     The batch is the one the layers see: right-padded when the input had padding (`num_tokens` real tokens per row),
     each row's documents one after the other. Every row holds at least one document (a row of padding only holds
     one of length 0, whose state is the initial one).
 
+    The inner loop runs the documents as batches of sequences, right-padded (the `num_tokens` convention every
+    backend supports). One batch padded to the longest document would cost `N × longest` tokens of work and memory
+    (a row of many short files beside one long one: many times the real tokens), so the documents are grouped by
+    length, longest first, a new group starting where a document is at most half the group's longest: the padding
+    is below 2x the real tokens, and far less on typical data.
+
     index_in_doc: `[B, T]` index of each token inside its document (0 at each document start and at padding).
-    doc_lengths: `[N]` tokens of each document: the `num_tokens` of the batch of documents.
-    max_length: `L`, the length of the batch of documents (at least 1).
-    unpack_index: `[N·L]` flat index `b·T + t` of the packed token in each slot of the batch of documents (slots
-        past a document's end point at any token and are zeroed by `unpack_valid`).
-    unpack_valid: `[N, L]` slot holds a token of its document.
-    pack_index: `[B·T]` flat index `n·L + l` of each packed token in the batch of documents.
+    doc_lengths: `[N]` tokens of each document.
+    groups: the `DocumentGroup`s, longest documents first; together they hold every document once.
+    pack_index: `[B·T]` flat index of each packed token among the groups' slots (the groups' `[n·L]` one after the
+        other).
     pack_valid: `[B, T]` real (non-padding) token, or None when no row is padded.
-    last_document: `[B]` index of each row's last document: the one a cache returned by the forward continues.
+    last_document: `[B]` index of each row's last document among the groups' documents in group order: the one a
+        cache returned by the forward continues.
     last_length: `[B]` its length.
     """
 
     index_in_doc: torch.Tensor
     doc_lengths: torch.Tensor
-    max_length: int
-    unpack_index: torch.Tensor
-    unpack_valid: torch.Tensor
+    groups: list[DocumentGroup]
     pack_index: torch.Tensor
     pack_valid: torch.Tensor | None
     last_document: torch.Tensor
@@ -83,49 +107,57 @@ class DocumentLayout:
         row_ends = torch.arange(batch, device=device) * seq_len + (seq_len if num_tokens is None else num_tokens)
         doc_end = torch.cat([doc_start[1:], doc_start.new_zeros(1)]).index_copy(0, last_document, row_ends)
         doc_lengths = doc_end - doc_start
-        max_length = max(int(doc_lengths.max()), 1)
-        slots = torch.arange(max_length, device=device)
-        unpack_index = (doc_start.unsqueeze(1) + slots).clamp(max=batch * seq_len - 1).flatten()
-        unpack_valid = slots.unsqueeze(0) < doc_lengths.unsqueeze(1)
         if real is not None:
             index_in_doc = index_in_doc.masked_fill(~real.flatten(), 0)
-        pack_index = doc_of_token * max_length + index_in_doc
-        return cls(index_in_doc.view(batch, seq_len), doc_lengths, max_length, unpack_index, unpack_valid,
-                   pack_index, real, last_document, doc_lengths[last_document])
+
+        # Groups by length (see the class docstring), decided on the host from the N lengths.
+        order = torch.sort(doc_lengths, descending=True, stable=True).indices
+        sorted_lengths = doc_lengths[order].tolist()
+        groups, slot_of_doc_start, rank, offset = [], torch.empty_like(doc_lengths), torch.empty_like(order), 0
+        first = 0
+        while first < len(sorted_lengths):
+            longest = max(sorted_lengths[first], 1)
+            last = first + 1
+            while last < len(sorted_lengths) and 2 * sorted_lengths[last] > longest:
+                last += 1
+            documents = order[first:last]
+            lengths = doc_lengths[documents]
+            slots = torch.arange(longest, device=device)
+            unpack_index = (doc_start[documents].unsqueeze(1) + slots).clamp(max=batch * seq_len - 1).flatten()
+            groups.append(DocumentGroup(documents, lengths, longest, unpack_index,
+                                        slots.unsqueeze(0) < lengths.unsqueeze(1)))
+            slot_of_doc_start[documents] = offset + longest * torch.arange(last - first, device=device)
+            rank[documents] = torch.arange(first, last, device=device)
+            offset += longest * (last - first)
+            first = last
+        pack_index = slot_of_doc_start[doc_of_token] + index_in_doc
+        return cls(index_in_doc.view(batch, seq_len), doc_lengths, groups, pack_index, real, rank[last_document],
+                   doc_lengths[last_document])
 
     @property
     def num_documents(self) -> int:
         return self.doc_lengths.shape[0]
 
-    def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """`[B, H, T, *]` -> `[N, H, L, *]`, each document from slot 0, zeros past its end."""
-        rest = x.shape[3:]
-        tokens = x.movedim(2, 1).flatten(0, 1)  # [B·T, H, *]
-        docs = tokens.index_select(0, self.unpack_index).unflatten(0, (self.num_documents, self.max_length))
-        valid = self.unpack_valid.view(self.num_documents, self.max_length, *([1] * (1 + len(rest))))
-        return docs.masked_fill(~valid, 0.0).movedim(1, 2)  # [N, H, L, *]
-
-    def pack(self, y: torch.Tensor) -> torch.Tensor:
-        """`[N, H, L, *]` -> `[B, H, T, *]`, the inverse of `unpack`; zeros at padding."""
+    def pack(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """The groups' `[n, H, L, *]` outputs -> `[B, H, T, *]`, the inverse of the groups' `unpack`; zeros at
+        padding."""
         batch, seq_len = self.index_in_doc.shape
-        slots = y.movedim(2, 1).flatten(0, 1)  # [N·L, H, *]
+        slots = torch.cat([y.movedim(2, 1).flatten(0, 1) for y in outputs])  # [Σ n·L, H, *]
         x = slots.index_select(0, self.pack_index).unflatten(0, (batch, seq_len))  # [B, T, H, *]
         if self.pack_valid is not None:
             x = x.masked_fill(~self.pack_valid.view(batch, seq_len, *([1] * (x.dim() - 2))), 0.0)
         return x.movedim(1, 2)
 
-    def initial_state(self, weights: tuple[torch.Tensor, ...]) -> InnerState:
-        """Every document starts from the layer's learned initial inner weights, `G = 0`, nothing seen."""
-        return InnerState.initial(weights, self.num_documents)
+    def last_document_state(self, states: list[InnerState]) -> InnerState:
+        """The final state of each row's last document `[B, ...]` from those of the groups (`[n, ...]` each, in
+        group order): what a cache keeps, so that continuing the row continues its last document (with `seen` its
+        length)."""
+        def pick(tensors) -> torch.Tensor:
+            return torch.cat(list(tensors)).index_select(0, self.last_document)
 
-    def last_document_state(self, state: InnerState) -> InnerState:
-        """The final state of each row's last document `[B, ...]` from that of every document `[N, ...]`: what a
-        cache keeps, so that continuing the row continues its last document (with `seen` its length)."""
-        def pick(t: torch.Tensor) -> torch.Tensor:
-            return t.index_select(0, self.last_document)
-
-        return InnerState(tuple(pick(w) for w in state.weights), tuple(pick(g) for g in state.grads),
-                          pick(state.seen))
+        weights = tuple(pick(s.weights[i] for s in states) for i in range(len(states[0].weights)))
+        grads = tuple(pick(s.grads[i] for s in states) for i in range(len(states[0].grads)))
+        return InnerState(weights, grads, pick(s.seen for s in states))
 
     def lookback_within_document(self, lookback: int) -> torch.Tensor:
         """`[B, T]` True where the token `lookback` positions back lies in the same document (a causal conv's tap

@@ -129,6 +129,31 @@ def test_two_rows_with_different_boundaries():
     assert_same_grads(grads, expected_grads)
 
 
+def test_documents_are_grouped_by_length_so_padding_stays_below_twice_the_tokens():
+    from modeling_ttt.packing import DocumentLayout
+
+    # two rows of 1024; row 0 is padded after column 1001, which cuts its last document to 597 tokens
+    lengths = [[300, 3, 60, 40, 1, 597], [700, 2, 2, 30, 10, 200, 80]]
+    num_tokens = torch.tensor([1001, 1024])
+    starts = torch.zeros(2, 1024, dtype=torch.bool)
+    for row, docs in enumerate(lengths):
+        starts[row, torch.tensor([0, *docs[:-1]]).cumsum(0)] = True
+    layout = DocumentLayout.from_starts(starts, num_tokens)
+    got = sorted(int(n) for group in layout.groups for n in group.lengths)
+    assert got == sorted(n for docs in lengths for n in docs)
+    for group in layout.groups:  # each document more than half its group's longest; the longest group first
+        assert group.max_length == int(group.lengths.max()) and bool((2 * group.lengths > group.max_length).all())
+    assert [g.max_length for g in layout.groups] == sorted((g.max_length for g in layout.groups), reverse=True)
+    slots = sum(g.max_length * g.documents.shape[0] for g in layout.groups)
+    assert slots < 2 * int(num_tokens.sum())  # one batch padded to the longest would hold 13 x 700 slots
+    # unpack then pack gives the real tokens back, zeros at padding; each row's last document is found
+    x = torch.randn(2, 3, 1024, 5)
+    back = layout.pack([g.unpack(x) for g in layout.groups])
+    real = (torch.arange(1024).unsqueeze(0) < num_tokens.unsqueeze(1)).view(2, 1, 1024, 1)
+    assert torch.equal(back, x * real)
+    assert layout.last_length.tolist() == [597, 80]
+
+
 def test_one_dimensional_position_ids_broadcast_over_the_batch():
     model = tiny_model("linear", "transformer", ttt_impl="torch")
     rows = [random_docs(LENGTHS, seed=1), random_docs(LENGTHS, seed=2)]
