@@ -311,7 +311,45 @@ def test_passkey_on_a_tiny_model(folders, tmp_path, monkeypatch):
 
     monkeypatch.setattr(passkey, "answer", planted)
     assert run_cli(argv) == 0
-    assert json.loads(output.read_text())["accuracy"] == 1.0
+    results = json.loads(output.read_text())
+    assert results["accuracy"] == 1.0
+
+    # the likelihood scores: every trial has a decoy other than its key, positive NLLs, and gain = decoy − key;
+    # the cells and the run hold the means of their trials
+    for trial in results["trials"]:
+        assert trial["decoy"] != trial["key"] and 10_000 <= trial["decoy"] <= 99_999
+        assert trial["key_nll"] > 0 and trial["decoy_nll"] > 0
+        assert trial["retrieval_gain"] == pytest.approx(trial["decoy_nll"] - trial["key_nll"])
+    for cell in results["cells"]:
+        cell_trials = [t for t in results["trials"] if (t["length"], t["depth"]) == (cell["length"], cell["depth"])]
+        for field in ("key_nll", "decoy_nll", "retrieval_gain"):
+            assert cell[field] == pytest.approx(sum(t[field] for t in cell_trials) / len(cell_trials))
+    assert results["retrieval_gain"] == pytest.approx(
+        sum(t["retrieval_gain"] for t in results["trials"]) / len(results["trials"]))
+
+
+@pytest.mark.parametrize("name", ["ttt", "llama"])
+def test_passkey_likelihood_is_the_log_probability_of_the_answer(folders, tokenizer, name):
+    """`continuation_nll` is −log p(" {key}" | prompt) from one plain forward over prompt + answer, whichever way
+    the model reads the text (the TTT model streams it in chunks; the Llama reads it in its sliding window when it
+    is longer than its positions, which changes the numbers, so its case here fits in one pass)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folders[name]).eval()
+    length = 300 if name == "ttt" else LLAMA_POSITIONS - 8
+    prompt = passkey.passkey_prompt(tokenizer, 12345, length, 0.5) if name == "ttt" else \
+        common.encode(tokenizer, passkey.QUESTION)
+    answer = passkey.answer_ids(tokenizer, 12345)
+    assert tokenizer.decode(answer) == " 12345"
+    plan = scoring_plan(model, chunk_size=64)  # several chunks for the TTT model
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + answer])).logits[0].double()
+    expected = -sum(float(F.log_softmax(logits[len(prompt) + i - 1], -1)[token]) for i, token in enumerate(answer))
+    assert passkey.continuation_nll(model, plan, prompt, answer) == pytest.approx(expected, rel=1e-4)
+    # the decoys of a cell are deterministic and never its keys
+    keys = passkey.passkey_keys(0, 600, 0.5, 50)
+    decoys = passkey.decoy_keys(0, 600, 0.5, keys)
+    assert decoys == passkey.decoy_keys(0, 600, 0.5, keys) and all(d != k for d, k in zip(decoys, keys))
 
 
 # ------------------------------------------------------------------------------------------------- bad input

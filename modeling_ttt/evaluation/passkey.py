@@ -6,9 +6,18 @@ the instruction, 1: right before the question), then the question. The model dec
 answer is the first integer in them (`score_passkey_answer`). Each cell (length × depth) runs `--trials` random
 5-digit keys, seeded by `--seed`, the length and the depth (so a cell's keys do not depend on the other cells).
 
-Outputs: `--output FILE.json` (the cells and every trial: key, decoded text, correct), the cells as CSV beside it
-(`FILE.csv` or `--csv`: length, depth, trials, correct, accuracy, prompt_tokens) and a heat map (`FILE.png` or
-`--plot`: depths × lengths).
+Accuracy is all or nothing, and a small model that has never seen the task scores 0 everywhere whether or not its
+state holds the key. So every trial is also scored by likelihood: `key_nll`, the negative log-probability
+(nats, summed over its tokens) of the answer " {key}" right after the prompt, and `decoy_nll`, the same for another
+random 5-digit key that is not in the prompt (seeded like the keys). Their difference, `retrieval_gain =
+decoy_nll − key_nll`, is the log-likelihood ratio of the true key over an arbitrary one: about 0 for a model that
+ignores the key in its context, positive when the context makes the true key more likely. The text is read as
+`ttt-eval perplexity` reads a document (`scoring.py`: a TTT model streams it through its cache; a Llama past its
+positions reads it in a sliding window, so a key further back than the window is out of its sight).
+
+Outputs: `--output FILE.json` (the cells and every trial: key, decoded text, correct, the likelihoods), the cells
+as CSV beside it (`FILE.csv` or `--csv`: `CELL_COLUMNS`, the likelihoods as means over the cell's trials) and heat
+maps of accuracy and retrieval gain (`FILE.png` or `--plot`: depths × lengths).
 """
 
 from __future__ import annotations
@@ -21,14 +30,15 @@ from pathlib import Path
 
 import torch
 
-from . import common
+from . import common, scoring
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
          "I will quiz you about the important information there.")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
-CELL_COLUMNS = ("length", "depth", "trials", "correct", "accuracy", "prompt_tokens")
+CELL_COLUMNS = ("length", "depth", "trials", "correct", "accuracy", "prompt_tokens", "key_nll", "decoy_nll",
+                "retrieval_gain")
 
 
 def score_passkey_answer(text: str, key: int) -> bool:
@@ -41,6 +51,29 @@ def passkey_keys(seed: int, length: int, depth: float, trials: int) -> list[int]
     """`trials` random 5-digit keys for one cell, the same on every run and machine."""
     generator = random.Random(f"{seed}:{length}:{depth}")
     return [generator.randint(10_000, 99_999) for _ in range(trials)]
+
+
+def decoy_keys(seed: int, length: int, depth: float, keys: list[int]) -> list[int]:
+    """One random 5-digit key per trial, other than that trial's key (the likelihood control)."""
+    generator = random.Random(f"decoy:{seed}:{length}:{depth}")
+    decoys = []
+    for key in keys:
+        decoy = generator.randint(10_000, 99_999)
+        while decoy == key:
+            decoy = generator.randint(10_000, 99_999)
+        decoys.append(decoy)
+    return decoys
+
+
+def answer_ids(tokenizer, key: int) -> list[int]:
+    """The token ids of the answer " {key}" that follows the prompt's last word, without special tokens."""
+    return list(tokenizer(f" {key}", add_special_tokens=False)["input_ids"])
+
+
+def continuation_nll(model, plan: scoring.ScoringPlan, prompt: list[int], continuation: list[int]) -> float:
+    """`−log p(continuation | prompt)` in nats: the token NLLs of `continuation` read right after `prompt`, summed."""
+    token_nll, _ = scoring.document_token_nll(model, torch.tensor(prompt + continuation), plan)
+    return float(token_nll[-len(continuation):].double().sum())
 
 
 def passkey_text(key: int, repeats: int, depth: float) -> str:
@@ -115,21 +148,25 @@ def answer(model, tokenizer, prompt: list[int], max_new_tokens: int) -> str:
 
 
 def plot_heatmap(cells: list[dict], lengths: list[int], depths: list[float], title: str):
-    """Accuracy as a depths × lengths heat map, each cell labelled with its accuracy."""
+    """Accuracy and retrieval gain as depths × lengths heat maps side by side, each cell labelled with its value."""
     plt = common.pyplot()
-    grid = [[next(c["accuracy"] for c in cells if c["length"] == length and c["depth"] == depth)
-             for length in lengths] for depth in depths]
-    figure, axes = plt.subplots(figsize=(1.2 * len(lengths) + 2.5, 0.6 * len(depths) + 2))
-    image = axes.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-    for row, values in enumerate(grid):
-        for column, value in enumerate(values):
-            axes.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=8)
-    axes.set_xticks(range(len(lengths)), [str(length) for length in lengths])
-    axes.set_yticks(range(len(depths)), [f"{depth:g}" for depth in depths])
-    axes.set_xlabel("context length (tokens)")
-    axes.set_ylabel("depth of the pass key")
-    axes.set_title(title)
-    figure.colorbar(image, ax=axes, label="accuracy")
+    figure, panels = plt.subplots(1, 2, figsize=(2 * (1.2 * len(lengths) + 2.5), 0.6 * len(depths) + 2.2))
+    largest_gain = max([abs(c["retrieval_gain"]) for c in cells] + [1.0])
+    for axes, (field, label, colormap, low, high) in zip(panels, (
+            ("accuracy", "accuracy (greedy answer)", "RdYlGn", 0.0, 1.0),
+            ("retrieval_gain", "retrieval gain (nats): decoy NLL − key NLL", "RdBu", -largest_gain, largest_gain))):
+        grid = [[next(c[field] for c in cells if c["length"] == length and c["depth"] == depth)
+                 for length in lengths] for depth in depths]
+        image = axes.imshow(grid, cmap=colormap, vmin=low, vmax=high, aspect="auto")
+        for row, values in enumerate(grid):
+            for column, value in enumerate(values):
+                axes.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=8)
+        axes.set_xticks(range(len(lengths)), [str(length) for length in lengths])
+        axes.set_yticks(range(len(depths)), [f"{depth:g}" for depth in depths])
+        axes.set_xlabel("context length (tokens)")
+        axes.set_ylabel("depth of the pass key")
+        figure.colorbar(image, ax=axes, label=label)
+    figure.suptitle(title)
     figure.tight_layout()
     return figure
 
@@ -145,18 +182,28 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = common.load_model_and_tokenizer(args.model, args.dtype, device, args.trust_remote_code,
                                                       not args.no_progress)
     limit = common.max_positions(model)
-    jobs = [(length, depth, trial, key) for length in lengths for depth in depths
-            for trial, key in enumerate(passkey_keys(args.seed, length, depth, args.trials))]
+    jobs, decoys = [], {}
+    for length in lengths:
+        for depth in depths:
+            keys = passkey_keys(args.seed, length, depth, args.trials)
+            for trial, (key, decoy) in enumerate(zip(keys, decoy_keys(args.seed, length, depth, keys))):
+                jobs.append((length, depth, trial, key))
+                decoys[jobs[-1]] = decoy
     # every prompt is built (and a too-short length refused) before the first decode
     prompts = {job: passkey_prompt(tokenizer, job[3], job[0], job[1], args.bos) for job in jobs}
+    plan = scoring.scoring_plan(model)
 
     trials = []
     mine = common.shard(jobs, state)
     for job in common.progress(mine, enabled=not args.no_progress, state=state, desc="passkey", unit="prompt"):
         length, depth, trial, key = job
         text = answer(model, tokenizer, prompts[job], args.max_new_tokens)
+        key_nll = continuation_nll(model, plan, prompts[job], answer_ids(tokenizer, key))
+        decoy_nll = continuation_nll(model, plan, prompts[job], answer_ids(tokenizer, decoys[job]))
         trials.append({"length": length, "depth": depth, "trial": trial, "key": key, "answer": text,
-                       "correct": score_passkey_answer(text, key), "prompt_tokens": len(prompts[job])})
+                       "correct": score_passkey_answer(text, key), "prompt_tokens": len(prompts[job]),
+                       "key_nll": key_nll, "decoy": decoys[job], "decoy_nll": decoy_nll,
+                       "retrieval_gain": decoy_nll - key_nll})
     trials = common.gather(trials, state)
     if not state.is_main_process:
         return 0
@@ -168,12 +215,15 @@ def run(args: argparse.Namespace) -> int:
             correct = sum(t["correct"] for t in cell)
             cells.append({"length": length, "depth": depth, "trials": len(cell), "correct": correct,
                           "accuracy": correct / len(cell),
-                          "prompt_tokens": round(sum(t["prompt_tokens"] for t in cell) / len(cell))})
+                          "prompt_tokens": round(sum(t["prompt_tokens"] for t in cell) / len(cell)),
+                          **{field: sum(t[field] for t in cell) / len(cell)
+                             for field in ("key_nll", "decoy_nll", "retrieval_gain")}})
     accuracy = sum(t["correct"] for t in trials) / len(trials)
+    retrieval_gain = sum(t["retrieval_gain"] for t in trials) / len(trials)
     results = {"model": str(args.model), "model_type": model.config.model_type, "seed": args.seed,
                "max_new_tokens": args.max_new_tokens, "max_positions": limit,
                "beyond_max_positions": [length for length in lengths if limit is not None and length > limit],
-               "accuracy": accuracy, "cells": cells, "trials": trials}
+               "accuracy": accuracy, "retrieval_gain": retrieval_gain, "cells": cells, "trials": trials}
     output = Path(args.output)
     title = f"Passkey retrieval: {Path(args.model).name}"
     common.write_results([
@@ -182,6 +232,6 @@ def run(args: argparse.Namespace) -> int:
         common.figure_output(Path(args.plot) if args.plot else output.with_suffix(".png"),
                              plot_heatmap(cells, lengths, depths, title)),
     ], state)
-    print(f"passkey accuracy {accuracy:.3f} over {len(trials)} prompts "
+    print(f"passkey accuracy {accuracy:.3f}, mean retrieval gain {retrieval_gain:.2f} nats over {len(trials)} prompts "
           f"({len(lengths)} lengths x {len(depths)} depths x {args.trials} trials)", file=sys.stdout)
     return 0
