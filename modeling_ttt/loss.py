@@ -43,18 +43,23 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         targets_counted = targets.index_select(0, counted)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden_counted = torch.empty_like(hidden_counted) if needs_hidden_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight_grad else None
+        grad_weight = None  # [V, C]: the first chunk's product, then the others added in place (no zero fill)
         chunk = _chunk_tokens(weight.shape[0])
         for start in range(0, hidden_counted.shape[0], chunk):
             h = hidden_counted[start : start + chunk]
             target = targets_counted[start : start + chunk].unsqueeze(1)
             logits = F.linear(h, weight).float()  # [n, V]
-            log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)
-            loss += (log_normalizer - logits.gather(1, target)).sum()
+            target_logit = logits.gather(1, target)
+            # log Σ exp(logits) computed over the logits' own buffer (no [n, V] temporary): subtract the row max,
+            # exponentiate in place; what is left is the unnormalised softmax, which the gradient needs anyway
+            row_max = logits.amax(dim=-1, keepdim=True)
+            unnormalised = logits.sub_(row_max).exp_()
+            normalizer = unnormalised.sum(dim=-1, keepdim=True)
+            loss += (row_max + normalizer.log() - target_logit).sum()
             if not (needs_hidden_grad or needs_weight_grad):
                 continue
             # ∂(Σ loss)/∂logits = softmax − one_hot, written over the logits (no second [n, V] buffer)
-            grad_logits = logits.sub_(log_normalizer).exp_()
+            grad_logits = unnormalised.div_(normalizer)
             grad_logits.scatter_add_(1, target, torch.full_like(target, -1.0, dtype=grad_logits.dtype))
             if grad_logits.dtype != weight.dtype and not torch.is_autocast_enabled(h.device.type):
                 grad_logits = grad_logits.to(weight.dtype)  # a 16-bit model without autocast: its dtype's products
@@ -62,10 +67,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if needs_hidden_grad:
                 grad_hidden_counted[start : start + chunk] = torch.mm(grad_logits, weight)
             if needs_weight_grad:
-                if grad_logits.dtype == h.dtype == grad_weight.dtype and not torch.is_autocast_enabled(h.device.type):
+                product_in_place = (grad_logits.dtype == h.dtype == torch.float32
+                                    and not torch.is_autocast_enabled(h.device.type))
+                if grad_weight is None:
+                    grad_weight = torch.mm(grad_logits.t(), h).float()
+                elif product_in_place:
                     grad_weight.addmm_(grad_logits.t(), h)  # accumulated in place: no [V, C] temporary
                 else:  # 16-bit products (autocast or a 16-bit model), summed over the chunks in float32
                     grad_weight.add_(torch.mm(grad_logits.t(), h))
+        if needs_weight_grad and grad_weight is None:  # no counted token: a zero gradient
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         if needs_hidden_grad:
             grad_hidden = torch.zeros_like(hidden)
             grad_hidden.index_copy_(0, counted, grad_hidden_counted.to(hidden.dtype))
