@@ -341,3 +341,18 @@ def test_fused_model_step_follows_changes_to_the_model(monkeypatch):
         model.double()
         check(model, cache.to(dtype=torch.float64), plan_used=True)
     assert before.shape == (3, 1, model.config.vocab_size)
+
+
+def test_a_loaded_model_still_decodes_with_the_plan(tmp_path):
+    """`from_pretrained` (from transformers 5.25 on, with the `kernels` library installed, it kernelizes every model
+    it loads unless `USE_HUB_KERNELS=0`) leaves a TTT model's blocks plain: greedy decoding of the loaded model runs
+    the one-call C++ plan and gives the tokens of the model it was saved from."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("linear", "mamba", ttt_impl="auto")
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(5))
+    expected = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert loaded.generate(prompt, max_new_tokens=12, do_sample=False).tolist() == expected.tolist()
+    assert cpu_plan.current_plan(loaded.model) is not None  # the plan ran for the loaded model
