@@ -1,9 +1,9 @@
 """Inner-loop math of TTT layers as pure functions over tensors, and the choice of backend — the PyTorch ops, the
-fused Triton kernels or the C++ CPU decoding kernels — made once per forward (`get_backend`).
+fused Triton kernels or the C++ CPU kernels (decoding, TTT-Linear's training scan) — made once per forward (`get_backend`).
 
 Rooms: `naive.py` the spec (primal and dual forms, plain loops; every backend is held to it), `state.py` the inner
 state and the precision rule, `frame.py` the padding layout the chunk backends share, `torch_chunk.py` the PyTorch
-backend, `triton/` the fused GPU kernels, `cpu/` the C++ decoding kernels (and the one-call model step)."""
+backend (`linear_scan.py`: its TTT-Linear training scan as one autograd function), `triton/` the fused GPU kernels, `cpu/` the C++ decoding kernels (and the one-call model step)."""
 
 from __future__ import annotations
 
@@ -100,12 +100,12 @@ def _cpp_kernel_ready(warn: bool) -> bool:
 
 
 def _warn_cpp_unavailable(error: str) -> None:
-    logger.warning_once(f"modeling_ttt: the C++ CPU decoding kernels could not be built ({error}); decoding on the "
-                        "CPU uses the slower PyTorch reference. Set TTT_IMPL=torch to skip the attempt.")
+    logger.warning_once(f"modeling_ttt: the C++ CPU kernels could not be built ({error}); decoding and training on "
+                        "the CPU use the slower PyTorch reference. Set TTT_IMPL=torch to skip the attempt.")
 
 
 def _cpp_build_failure(error: str | None) -> RuntimeError:
-    return RuntimeError(f"ttt_impl='cpp': the C++ CPU decoding kernels could not be built ({error}); they need a "
+    return RuntimeError(f"ttt_impl='cpp': the C++ CPU kernels could not be built ({error}); they need a "
                         "C++ compiler and `ninja`. Use ttt_impl='torch' or 'auto'.")
 
 

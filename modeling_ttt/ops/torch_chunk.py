@@ -11,7 +11,9 @@ directly (`_ttt_one_token`). Precision: `state.py`.
 Speed notes (CPU, where this file is what runs): TTT-Linear's loop works on `[W; b]` with a constant-1 input
 feature, so each mini-batch is seven kernels (two products with `W₀`, the LayerNorm-l2 gradient as ATen's LayerNorm
 forward and backward, the dual correction, the weight update); everything independent of the inner weights is
-computed for all mini-batches before the loop; without autograd the weight update happens in place.
+computed for all mini-batches before the loop; without autograd the weight update happens in place. Under
+autograd, TTT-Linear's loop over whole mini-batches is one autograd function with a hand-written backward
+(`linear_scan.py`), whose loops the C++ backend (`modeling_ttt.ops.cpu`) runs as kernels.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .frame import check_inputs, from_frame, make_frame, to_frame
+from .linear_scan import linear_scan
 from .state import LAYER_NORM_EPS, InnerLoopParams, InnerState, in_inner_dtype
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -82,6 +85,7 @@ def _ttt_chunk(
     params: InnerLoopParams,
     state: InnerState,
     num_tokens: torch.Tensor | None,
+    scan_kernels: bool = False,
 ) -> tuple[torch.Tensor, InnerState]:
     batch, heads, seq_len, head_dim = xq.shape
     rows = batch * heads  # the loop works on [B·H, ...] so every product is one batched matmul
@@ -110,9 +114,11 @@ def _ttt_chunk(
     lr_s = to_steps(inner_lr)  # [K, B, H, M]; zero at unused slots
     pending_scale = token_scale.view(-1, 1)  # [M, 1]: slot i of every row sits at position i
     # Everything that does not depend on the inner weights is computed for all mini-batches at once.
+    # Under autograd, TTT-Linear runs the scan of linear_scan.py, which takes the learning rates themselves
+    scan = layer_type == "linear" and torch.is_grad_enabled()
     per_step, _ = _step_inputs(layer_type, to_steps(xq), to_steps(xk), to_steps(xv), lr_s, pending_scale,
-                               ln_weight.unsqueeze(1), ln_bias.unsqueeze(1))
-    per_step = tuple(x.flatten(1, 2) for x in per_step)  # [K, B·H, ...]: step k reads slice k
+                               ln_weight.unsqueeze(1), ln_bias.unsqueeze(1), with_lr_xk_t=not scan)
+    per_step = tuple(None if x is None else x.flatten(1, 2) for x in per_step)  # [K, B·H, ...]: step k reads slice k
     ln_w, ln_b = _per_row(ln_weight, batch), _per_row(ln_bias, batch)
     ln_w_sq = ln_w * ln_w
 
@@ -141,6 +147,14 @@ def _ttt_chunk(
         inputs = carry_and_inputs[2 * num_weights :]
         outputs = torch.empty(stop - first, rows, mini_batch_size, head_dim, dtype=xq.dtype, device=xq.device) \
             if in_place else []
+        if scan:  # training: the scan as one autograd function (linear_scan.py)
+            completes_here = None if all(all_complete[first:stop]) else row_completes[first:stop].to(xq.dtype)
+            read_pending = first == 0 and has_pending
+            xk_1, xq_1, ln_target, dual, _, lr = inputs
+            z_bar, w_b, g_b = linear_scan(weights[0], grads[0] if grads is not None else None, xk_1, xq_1, ln_target,
+                                          dual, lr, ln_w_sq, pending_scale, neg_last_scale.neg(), completes_here,
+                                          read_pending, scan_kernels)
+            return w_b, g_b, z_bar
         # One unbind per input instead of an index per step: under autograd, each `x[k]` would give back a
         # gradient as large as all of `x` (zeros but one slice) and the K of them would be summed, O(K²) work;
         # unbind's backward stacks the K slices once.
@@ -172,7 +186,7 @@ def _ttt_chunk(
     z_bars = []
     for first in range(0, num_mini_batches, group):
         stop = min(first + group, num_mini_batches)
-        inputs = tuple(x[first:stop] for x in per_step)
+        inputs = tuple(None if x is None else x[first:stop] for x in per_step)
         if group < num_mini_batches:
             result = checkpoint(run_steps, first, stop, grads_are_zero, *carry, *inputs, use_reentrant=False)
         else:
@@ -363,7 +377,7 @@ def _ln_target(xk, xv, ln_w, ln_b):
     return torch.addcmul(ln_w * ln_b, ln_w, xk - xv)
 
 
-def _step_inputs(layer_type, xq, xk, xv, lr, scale, ln_w, ln_b):
+def _step_inputs(layer_type, xq, xk, xv, lr, scale, ln_w, ln_b, with_lr_xk_t=True):
     """Everything a step needs that does not depend on the inner weights, for `[..., B·H, slots, d]` inputs
     (`lr`: `[..., B·H, slots]`; `scale`: each slot's token scale `s_i`, broadcastable to `[..., slots, 1]`).
     Returns the step's input tuple and `w²` of the inner LayerNorm."""
@@ -381,8 +395,8 @@ def _step_inputs(layer_type, xq, xk, xv, lr, scale, ln_w, ln_b):
         # [x_q, 1]·[x_k, 1] = x_q·x_k + 1, the dual form's factor.
         xk_1, xq_1 = F.pad(xk, (0, 1), value=1.0), F.pad(xq, (0, 1), value=1.0)
         dual = eta * (xq_1 @ xk_1.transpose(-1, -2))
-        lr_xk_t = (lr.unsqueeze(-1) * xk_1).transpose(-1, -2)  # (lr_j · [x_k,j, 1])ᵀ
-        return (xk_1, xq_1, ln_target, dual, lr_xk_t), ln_w * ln_w
+        lr_xk_t = (lr.unsqueeze(-1) * xk_1).transpose(-1, -2) if with_lr_xk_t else None  # (lr_j · [x_k,j, 1])ᵀ
+        return (xk_1, xq_1, ln_target, dual, lr_xk_t, lr), ln_w * ln_w
     lr_xk_t = (lr.unsqueeze(-1) * xk).transpose(-1, -2)  # (lr_j · x_k,j)ᵀ for the gradient sums
     return (xq, xk, ln_target, eta, lr_xk_t, lr.unsqueeze(-2), lr), ln_w * ln_w
 
@@ -429,7 +443,7 @@ def _linear_step(weights, pending, inputs, pending_scale, ln_w_sq):
 def _linear_dual(w_b, inputs, ln_w_sq, out=None):
     """The dual-form core of a TTT-Linear step on the packed `[W₀; b₀]`: the outputs `z̄` (written into `out` when
     given, inference only) and the gradients `∇_z ℓ_j` at `W₀`."""
-    xk_1, xq_1, ln_target, dual, _ = inputs
+    xk_1, xq_1, ln_target, dual = inputs[:4]
     grad_z = _l2_grad_through_ln(torch.bmm(xk_1, w_b), ln_target, ln_w_sq)  # ∇_z ℓ_j at W₀, [BH, M, d]
     return torch.baddbmm(torch.bmm(xq_1, w_b), dual, grad_z, alpha=-1.0, out=out), grad_z
 
@@ -462,15 +476,16 @@ def _mlp_step(weights, pending, inputs, pending_scale, ln_w_sq):
     return z2_bar, increments
 
 
-def _in_precision(layer_type, xq, xk, xv, inner_lr, params, state, num_tokens) -> tuple[torch.Tensor, InnerState]:
+def _in_precision(layer_type, xq, xk, xv, inner_lr, params, state, num_tokens,
+                  scan_kernels=False) -> tuple[torch.Tensor, InnerState]:
     """`_ttt_chunk` in `inner_dtype` without autocast, the outputs back in the dtype of `xq` ("Precision")."""
     device_type = xq.device.type
     cast = in_inner_dtype(xq, xk, xv, inner_lr, params, state)
     if torch.is_autocast_enabled(device_type):
         with torch.autocast(device_type, enabled=False):
-            out, state = _ttt_chunk(layer_type, *cast, num_tokens)
+            out, state = _ttt_chunk(layer_type, *cast, num_tokens, scan_kernels)
     else:
-        out, state = _ttt_chunk(layer_type, *cast, num_tokens)
+        out, state = _ttt_chunk(layer_type, *cast, num_tokens, scan_kernels)
     return (out if out.dtype == xq.dtype else out.to(xq.dtype)), state
 
 
@@ -482,6 +497,8 @@ def ttt_linear(
     params: InnerLoopParams,
     state: InnerState,
     num_tokens: torch.Tensor | None = None,
+    *,
+    scan_kernels: bool = False,
 ) -> tuple[torch.Tensor, InnerState]:
     """TTT-Linear over a chunk, from `state` on.
 
@@ -491,12 +508,14 @@ def ttt_linear(
         params: the layer's token scale `[M]`, inner LayerNorm `[H, d]` and checkpoint group (`InnerLoopParams`).
         state: the inner state before the chunk.
         num_tokens: `[B]` real tokens per row (right padding); `None` means all `T`.
+        scan_kernels: under autograd, run the scan over whole mini-batches (`linear_scan.py`) with the C++ kernels
+            of `modeling_ttt.ops.cpu` (which decides: its `ttt_linear` passes it); else with PyTorch ops.
 
     Returns:
         `[B, H, T, d]` outputs `x_q + LN(f(x_q))` (zeros at padding) and the state after the chunk.
     """
     check_inputs(xq, xk, xv, inner_lr, params, state, num_tokens, 2)
-    return _in_precision("linear", xq, xk, xv, inner_lr, params, state, num_tokens)
+    return _in_precision("linear", xq, xk, xv, inner_lr, params, state, num_tokens, scan_kernels)
 
 
 def ttt_mlp(

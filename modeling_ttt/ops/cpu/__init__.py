@@ -1,19 +1,23 @@
-"""C++ CPU kernels for decoding (`ttt_decode.cpp`), used under `ttt_impl="cpp"` (and `"auto"` on the CPU):
+"""C++ CPU kernels for decoding (`ttt_decode.cpp`) and for training TTT-Linear (`ttt_scan.cpp`), used under
+`ttt_impl="cpp"` (and `"auto"` on the CPU):
 
 * `ttt_linear` here: [`modeling_ttt.ops.torch_chunk.ttt_linear`] with its one-token steps (no autograd) run by the
-  `ttt_linear_decode` kernel; everything else (prefill, training, padding, other dtypes) is the reference itself.
-  TTT-MLP has no kernel (`ttt_mlp` is the reference's).
+  `ttt_linear_decode` kernel, and under autograd its scan over whole mini-batches (`linear_scan.py`) run by the
+  `ttt_linear_scan_forward` / `_backward` kernels; everything else (prefill, padding, other dtypes) is the
+  reference itself. TTT-MLP has no kernel (`ttt_mlp` is the reference's).
 * `plan.decode_step`: a whole model's one-token step, every TTT-Linear block with its projections, norms and convs
   in one call (`ttt_linear_decode_blocks`), when the blocks are the plain modules without hooks. For up to 8 rows
   its projections are its own matrix-vector loops, one parallel loop per group of products that share an input
   (BLAS above 8 rows, where a GEMM reuses each weight).
 
 Why: decoding a small model on a CPU is bound by memory and by the number of PyTorch kernel launches (~50 per layer
-and token), not by arithmetic; each kernel does the same arithmetic in one call. `tests/test_ops_cpu.py` holds them
+and token), not by arithmetic; each kernel does the same arithmetic in one call. The training scan likewise is ~20
+small products and LayerNorm passes per mini-batch in PyTorch; the kernel keeps each row's weights and adjoints in
+the core's caches. `tests/test_ops_cpu.py` holds them
 to the reference and the module path.
 
 The kernels are compiled with `torch.utils.cpp_extension` at the first step that runs one (a one-token CPU step
-without autograd; a C++ compiler and `ninja` are needed), once per machine and build key (`build_name`): torch
+without autograd, or a TTT-Linear forward under autograd on the CPU; a C++ compiler and `ninja` are needed), once per machine and build key (`build_name`): torch
 caches the build under `~/.cache/torch_extensions` (or `TORCH_EXTENSIONS_DIR`). Concurrent processes wait for one
 build; a build that cannot finish (killed part-way, no compiler, a compile error, another process building for
 longer than `BUILD_WAIT_SECONDS`) is reported in one line, and `ttt_impl="auto"` then decodes with the reference.
@@ -44,6 +48,11 @@ except ImportError:  # not POSIX: builds are not serialised between processes
     fcntl = None
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ttt_decode.cpp")
+_SCAN_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ttt_scan.cpp")
+
+
+def _sources() -> tuple[str, str]:
+    return _SOURCE, _SCAN_SOURCE
 #: The per-block parameters of `ttt_linear_decode_blocks`, in the order of `BlockParam` in ttt_decode.cpp (the
 #: loaded kernels are checked against this; `plan.block_arguments` gathers them).
 BLOCK_PARAMETERS = (
@@ -83,11 +92,14 @@ def build_name() -> str:
             cpu_flags = next((line for line in cpuinfo if line.startswith("flags")), "")
     except OSError:
         cpu_flags = ""
-    with open(_SOURCE, "rb") as source:
-        source_hash = hashlib.sha1(source.read()).hexdigest()
+    digest = hashlib.sha1()
+    for path in _sources():
+        with open(path, "rb") as source:
+            digest.update(source.read())
+    source_hash = digest.hexdigest()
     key = [platform.machine(), platform.processor(), cpu_flags, torch.__version__, sys.implementation.cache_tag,
            sysconfig.get_config_var("EXT_SUFFIX") or "", _compiler(), repr(_compile_flags()), source_hash,
-           os.path.realpath(_SOURCE), os.path.realpath(os.path.dirname(torch.__file__))]
+           *map(os.path.realpath, _sources()), os.path.realpath(os.path.dirname(torch.__file__))]
     return "modeling_ttt_cpu_" + hashlib.sha1("\n".join(key).encode()).hexdigest()[:12]
 
 
@@ -139,7 +151,7 @@ _build_result: str | None = _NOT_TRIED  # what `build_error` found in this proce
 def build_error() -> str | None:
     """Build (first time on this machine) and load the kernels, once per process; `None` when they are ready,
     else why they are not, in one line. Called only where a kernel is about to run (a one-token CPU step without
-    autograd), never at import, for a prefill or for training."""
+    autograd, a TTT-Linear training forward), never at import or for a prefill."""
     global _build_result
     if _build_result is _NOT_TRIED:
         _build_result = _build()
@@ -159,9 +171,9 @@ def _build() -> str | None:
         cflags, ldflags = _compile_flags()
         with _build_lock(directory):
             if not os.path.exists(library):
-                logger.warning_once(f"modeling_ttt: compiling the C++ CPU decoding kernels (first decoding step on "
-                                    f"this machine; usually 15-40 s, then cached in {directory}).")
-            cpp_extension.load(name=name, sources=[_SOURCE], extra_cflags=cflags, extra_ldflags=ldflags,
+                logger.warning_once(f"modeling_ttt: compiling the C++ CPU kernels (first decoding or training step "
+                                    f"on this machine; usually 15-60 s, then cached in {directory}).")
+            cpp_extension.load(name=name, sources=list(_sources()), extra_cflags=cflags, extra_ldflags=ldflags,
                                build_directory=directory, is_python_module=False, verbose=False)
         names = tuple(torch.ops.modeling_ttt_cpu.block_parameter_names())
         if names != BLOCK_PARAMETERS:
@@ -170,7 +182,8 @@ def _build() -> str | None:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         compiler_error = next((line for line in lines if "error:" in line), None)  # the compiler's own words
         if compiler_error is not None:
-            return f"compiling {_SOURCE} failed: {compiler_error}"
+            source = next((path for path in _sources() if path in compiler_error), _sources()[0])
+            return f"compiling {source} failed: {compiler_error}"
         return f"{type(error).__name__}: {lines[0] if lines else ''}".strip()
     return None
 
@@ -198,6 +211,13 @@ def decodes(xq: torch.Tensor, num_tokens: torch.Tensor | None, *tensors: torch.T
     return not torch.is_grad_enabled() or not any(t.requires_grad for t in (xq, *tensors))
 
 
+def trains(xq: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether a `ttt_linear` call runs the C++ training scan (`ttt_scan.cpp`): CPU tensors, autograd through
+    `xq` or any of `tensors` (the other inputs). (Chunks inside one mini-batch never reach the scan.)"""
+    return (xq.device.type == "cpu" and xq.is_floating_point() and torch.is_grad_enabled()
+            and any(t.requires_grad for t in (xq, *tensors)))
+
+
 def ttt_linear(
     xq: torch.Tensor,
     xk: torch.Tensor,
@@ -207,14 +227,18 @@ def ttt_linear(
     state: InnerState,
     num_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, InnerState]:
-    """[`modeling_ttt.ops.torch_chunk.ttt_linear`], with decoding steps run by the C++ kernel (`ttt_impl="cpp"`:
-    a kernel that cannot be built is a `RuntimeError`)."""
-    if not decodes(xq, num_tokens, xk, xv, inner_lr, *params.tensors(), *state.weights, *state.grads):
+    """[`modeling_ttt.ops.torch_chunk.ttt_linear`], with decoding steps and the training scan run by the C++
+    kernels (`ttt_impl="cpp"`: a kernel that cannot be built is a `RuntimeError`)."""
+    others = (xk, xv, inner_lr, *params.tensors(), *state.weights, *state.grads)
+    decoding, training = decodes(xq, num_tokens, *others), trains(xq, *others)
+    if not (decoding or training):
         return torch_chunk.ttt_linear(xq, xk, xv, inner_lr, params, state, num_tokens)
     error = build_error()
     if error is not None:
-        raise RuntimeError(f"The C++ CPU decoding kernel of modeling_ttt could not be built ({error}); use "
+        raise RuntimeError(f"The C++ CPU kernels of modeling_ttt could not be built ({error}); use "
                            "ttt_impl='torch' (or 'auto', which then uses the PyTorch reference).")
+    if training:
+        return torch_chunk.ttt_linear(xq, xk, xv, inner_lr, params, state, num_tokens, scan_kernels=True)
     return _decode(xq, xk, xv, inner_lr, params, state)
 
 
@@ -222,9 +246,11 @@ def ttt_linear_or_reference(xq, xk, xv, inner_lr, params: InnerLoopParams, state
                             num_tokens=None) -> tuple[torch.Tensor, InnerState]:
     """`ttt_linear` for `ttt_impl="auto"`: a kernel that cannot be built leaves the step to the reference (with
     one warning)."""
-    if (decodes(xq, num_tokens, xk, xv, inner_lr, *params.tensors(), *state.weights, *state.grads)
-            and build_error() is None):
+    others = (xk, xv, inner_lr, *params.tensors(), *state.weights, *state.grads)
+    if decodes(xq, num_tokens, *others) and build_error() is None:
         return _decode(xq, xk, xv, inner_lr, params, state)
+    if trains(xq, *others) and build_error() is None:
+        return torch_chunk.ttt_linear(xq, xk, xv, inner_lr, params, state, num_tokens, scan_kernels=True)
     if _build_result is not None and _build_result is not _NOT_TRIED:  # an attempt failed
         from .. import _warn_cpp_unavailable
 
@@ -248,4 +274,4 @@ def state_after(state: InnerState, kernel_state: list[torch.Tensor]) -> InnerSta
 ttt_mlp = torch_chunk.ttt_mlp  # TTT-MLP decodes with the reference
 
 __all__ = ["ttt_linear", "ttt_linear_or_reference", "ttt_mlp", "build_error", "known_build_error", "build_name",
-           "decodes", "state_after"]
+           "decodes", "trains", "state_after"]
