@@ -133,4 +133,58 @@ def linear_cross_entropy(
     return loss_sum / num_items_in_batch
 
 
-__all__ = ["linear_cross_entropy", "LinearCrossEntropyFunction"]
+class TiedEmbeddingFunction(torch.autograd.Function):
+    """The input embeddings `weight[input_ids]` *and* the LM head's weight, for a model whose head is tied to its
+    embedding: one autograd node for both uses of the one matrix.
+
+    Why: with the usual `nn.Embedding` the embedding's gradient is a dense `[V, C]` zero-filled matrix with the
+    tokens' rows added in, which autograd then adds to the head's own `[V, C]` gradient: per step one more fresh
+    vocabulary-sized buffer (98 MiB at 32,000 × 768 in float32, whose first touch of every page costs more than the
+    arithmetic), a zero fill and an extra pass. Here backward receives both gradients together and adds the tokens'
+    rows into the head's gradient in place (`index_add_`). Same values as `nn.Embedding` without `max_norm`,
+    `scale_grad_by_freq` or `sparse`: rows of `padding_idx` get no gradient from the embedding side."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, input_ids: torch.Tensor, padding_idx: int | None):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(input_ids)
+        ctx.padding_idx, ctx.weight_shape, ctx.weight_dtype = padding_idx, weight.shape, weight.dtype
+        return F.embedding(input_ids, weight, padding_idx), weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad_embeds: torch.Tensor | None, grad_head_weight: torch.Tensor | None):
+        (input_ids,) = ctx.saved_tensors
+        grad = grad_head_weight
+        if grad_embeds is None:
+            return grad, None, None
+        ids = input_ids.reshape(-1)
+        rows = grad_embeds.reshape(ids.shape[0], -1)
+        if ctx.padding_idx is not None:
+            rows = rows.masked_fill((ids == ctx.padding_idx).unsqueeze(1), 0.0)
+        if grad is None:
+            grad = rows.new_zeros(ctx.weight_shape, dtype=ctx.weight_dtype)
+        elif grad.requires_grad or grad._base is not None:  # a graph of the gradient, or a view: leave it alone
+            grad = grad.clone()
+        # (otherwise the head's gradient is a buffer of its own, from the fused loss or autograd's sum of several
+        # uses: added to in place)
+        return grad.index_add_(0, ids, rows.to(grad.dtype)), None, None
+
+
+def is_plain_embedding(embedding: torch.nn.Module) -> bool:
+    """An `nn.Embedding` itself (no subclass or adapter) without forward hooks, its own or every module's (a hook,
+    e.g. transformers' `enable_input_require_grads`, must see the module called), and without the options that
+    change its gradient: what [`TiedEmbeddingFunction`] computes exactly."""
+    module = torch.nn.modules.module
+    global_hooks = getattr(module, "_global_forward_hooks", None) or getattr(module, "_global_forward_pre_hooks", None)
+    return (type(embedding) is torch.nn.Embedding and not global_hooks
+            and not (embedding._forward_hooks or embedding._forward_pre_hooks)
+            and not (embedding.sparse or embedding.scale_grad_by_freq or embedding.max_norm is not None))
+
+
+def tied_embedding_and_head(embedding: torch.nn.Embedding, input_ids: torch.Tensor):
+    """`(embedding(input_ids), weight)` through [`TiedEmbeddingFunction`], for a head tied to `embedding`."""
+    return TiedEmbeddingFunction.apply(embedding.weight, input_ids, embedding.padding_idx)
+
+
+__all__ = ["linear_cross_entropy", "LinearCrossEntropyFunction", "TiedEmbeddingFunction", "is_plain_embedding",
+           "tied_embedding_and_head"]

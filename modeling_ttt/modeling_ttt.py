@@ -18,7 +18,7 @@ from .cache import TTTCache
 from .compat import CACHE_NAME, cache_of, output_fields, resolve_cache
 from .configuration_ttt import TTTConfig
 from .layers import TTT_LAYER_CLASSES, RMSNorm, SwiGLUMLP, TTTConvBlock, TTTLayerBase
-from .loss import linear_cross_entropy
+from .loss import is_plain_embedding, linear_cross_entropy, tied_embedding_and_head
 from .ops import get_backend
 from .packing import PACKING_KWARGS, DocumentLayout, batch_rows, document_layout
 
@@ -340,6 +340,13 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    def _embedding_is_tied_plain(self) -> bool:
+        """The head's weight is the input embedding's, under autograd, and the embedding is a plain module
+        ([`modeling_ttt.loss.is_plain_embedding`]): then the fused loss takes both from [`tied_embedding_and_head`]."""
+        embedding = self.model.embed_tokens
+        return (torch.is_grad_enabled() and embedding.weight is self.lm_head.weight
+                and embedding.weight.requires_grad and is_plain_embedding(embedding))
+
     def stream(self, input_ids, **kwargs):
         """Score a long token sequence chunk by chunk with the recurrent cache: exact (equal to one full forward),
         memory flat in the sequence length, with a progress bar. Returns a `StreamScore` (per-token NLLs, total
@@ -425,6 +432,18 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         kwargs: `DataCollatorWithFlattening`'s `seq_idx`, `cu_seq_lens_q`/`cu_seq_lens_k`, `max_length_q`/`max_length_k`
             go to the model (packed documents, see [`TTTModel.forward`]); the others to the loss function.
         """
+        if return_logits is None:
+            return_logits = not self.training
+        fused_loss = (labels is not None and not return_logits and isinstance(logits_to_keep, int)
+                      and logits_to_keep == 0 and self.loss_function is LOSS_MAPPING["ForCausalLM"]
+                      and type(self.lm_head) is nn.Linear and self.lm_head.bias is None)
+        # (a wrapped head — an adapter on it, a quantized layer — is not just its weight: the usual path then)
+        from_generate = kwargs.pop("from_generate", False)
+        head_weight = self.lm_head.weight if fused_loss else None
+        if fused_loss and inputs_embeds is None and self._embedding_is_tied_plain():
+            _check_inputs(input_ids, inputs_embeds, from_generate)
+            inputs_embeds, head_weight = tied_embedding_and_head(self.model.embed_tokens, input_ids)
+            input_ids = None
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -433,17 +452,12 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
-            from_generate=kwargs.pop("from_generate", False),
+            from_generate=from_generate,
             **{name: kwargs.pop(name) for name in PACKING_KWARGS if name in kwargs},  # the model's, not the loss's
         )
-        if return_logits is None:
-            return_logits = not self.training
-        if (labels is not None and not return_logits and isinstance(logits_to_keep, int) and logits_to_keep == 0
-                and self.loss_function is LOSS_MAPPING["ForCausalLM"] and type(self.lm_head) is nn.Linear
-                and self.lm_head.bias is None):
-            # (a wrapped head — an adapter on it, a quantized layer — is not just its weight: the usual path then)
+        if fused_loss:
             logits = None
-            loss = linear_cross_entropy(outputs.last_hidden_state, self.lm_head.weight, labels, **kwargs)
+            loss = linear_cross_entropy(outputs.last_hidden_state, head_weight, labels, **kwargs)
         else:
             hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
             logits = self.lm_head(hidden_states)

@@ -179,3 +179,53 @@ def test_a_wrapped_head_takes_the_usual_loss():
     with peft_model.disable_adapter():
         plain = peft_model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
     assert abs(float(plain.detach()) - float(expected.detach())) > 1e-4  # the adapter changes the loss: the check above can fail
+
+
+@pytest.mark.parametrize("padding_idx", [None, 5])
+def test_tied_embedding_and_head_take_one_node_with_the_same_gradients(monkeypatch, padding_idx):
+    """With the head tied to the embedding (the presets), training takes both from `TiedEmbeddingFunction` (one
+    node; the embedding's rows are added into the head's gradient instead of a dense zero-filled `[V, C]` of its own):
+    same loss and gradients as the embedding module plus the usual loss, `padding_idx` rows included (no gradient
+    from the embedding side, as `nn.Embedding`). A hook on the embedding module takes the module path (it must fire)."""
+    model = _tiny_model()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.model.embed_tokens.padding_idx = padding_idx
+    calls = []
+    original = loss_module.TiedEmbeddingFunction
+
+    class Counted(original):
+        @staticmethod
+        def forward(ctx, *args):
+            calls.append(1)
+            return original.forward(ctx, *args)
+
+    monkeypatch.setattr(loss_module, "TiedEmbeddingFunction", Counted)
+    input_ids = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(3))
+    input_ids[:, 4] = 5  # the padding row, when there is one, is read too
+
+    def loss_and_grads(return_logits):
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids, labels=input_ids, use_cache=False, return_logits=return_logits).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    model.train()
+    tied_loss, tied = loss_and_grads(None)
+    assert calls == [1]
+    full_loss, full = loss_and_grads(True)
+    assert calls == [1]
+    torch.testing.assert_close(tied_loss, full_loss, atol=1e-6, rtol=1e-6)
+    for name, grad in full.items():
+        torch.testing.assert_close(tied[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    if padding_idx is not None:  # only the head's gradient reaches the padding row
+        head_only = model.model.embed_tokens.weight.grad  # from the last (full-logits) run
+        torch.testing.assert_close(tied["model.embed_tokens.weight"][padding_idx], head_only[padding_idx])
+
+    fired = []
+    handle = model.model.embed_tokens.register_forward_hook(lambda *args: fired.append(1))
+    hooked_loss, hooked = loss_and_grads(None)
+    handle.remove()
+    assert fired == [1] and calls == [1]
+    torch.testing.assert_close(hooked_loss, tied_loss)
+    for name, grad in tied.items():
+        torch.testing.assert_close(hooked[name], grad, atol=1e-6, rtol=1e-6, msg=name)
