@@ -19,16 +19,67 @@
 
 namespace {
 
-// y = x W for one row: x [n_in], W [n_in, n_out] row-major; `accumulate` adds to y instead.
 template <typename T>
-inline void row_times(const T* __restrict__ x, const T* __restrict__ w, int64_t n_in, int64_t n_out,
-                      T* __restrict__ y, bool accumulate) {
-  if (!accumulate) std::memset(y, 0, sizeof(T) * n_out);
+struct Lanes;  // one 64-byte SIMD vector (GCC/clang vector extension; AVX-512 with -march=native, else split)
+template <>
+struct Lanes<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct Lanes<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+
+// A tile of kRows output rows × kVecs vectors: accumulators in registers, each row of w read once for kRows rows.
+template <typename T, int64_t kVecs, int64_t kRows>
+inline void tile_times(const T* __restrict__ x, int64_t xs, const T* __restrict__ w, int64_t ws, int64_t n_in,
+                       T* __restrict__ y, int64_t ys, bool accumulate) {
+  using V = typename Lanes<T>::type;
+  constexpr int64_t L = sizeof(V) / sizeof(T);
+  V acc[kRows][kVecs];
+  for (int64_t r = 0; r < kRows; ++r)
+    for (int64_t v = 0; v < kVecs; ++v) {
+      if (accumulate) std::memcpy(&acc[r][v], y + r * ys + v * L, sizeof(V));
+      else acc[r][v] = V{};
+    }
   for (int64_t a = 0; a < n_in; ++a) {
-    const T xa = x[a];
-    const T* __restrict__ w_a = w + a * n_out;
-    for (int64_t j = 0; j < n_out; ++j) y[j] += xa * w_a[j];
+    V wv[kVecs];
+    for (int64_t v = 0; v < kVecs; ++v) std::memcpy(&wv[v], w + a * ws + v * L, sizeof(V));
+    for (int64_t r = 0; r < kRows; ++r) {
+      const T xa = x[r * xs + a];
+      for (int64_t v = 0; v < kVecs; ++v) acc[r][v] += xa * wv[v];
+    }
   }
+  for (int64_t r = 0; r < kRows; ++r)
+    for (int64_t v = 0; v < kVecs; ++v) std::memcpy(y + r * ys + v * L, &acc[r][v], sizeof(V));
+}
+
+// kVecs vectors of columns for all rows: tiles of as many rows as keep 16 accumulators, then single rows.
+template <typename T, int64_t kVecs>
+inline void column_block_times(const T* x, int64_t xs, int64_t rows, const T* w, int64_t ws, int64_t n_in, T* y,
+                               int64_t ys, bool accumulate) {
+  constexpr int64_t kRows = kVecs >= 16 ? 1 : 16 / kVecs;
+  int64_t r = 0;
+  for (; r + kRows <= rows; r += kRows)
+    tile_times<T, kVecs, kRows>(x + r * xs, xs, w, ws, n_in, y + r * ys, ys, accumulate);
+  for (; r < rows; ++r) tile_times<T, kVecs, 1>(x + r * xs, xs, w, ws, n_in, y + r * ys, ys, accumulate);
+}
+
+// y (+)= x w: x [rows, n_in] (row stride xs), w [n_in, n_out] (row stride ws), y [rows, n_out] (row stride ys).
+// Columns in blocks of 4 vectors, then single vectors, then a scalar tail (the [W; b] rows' 65th column).
+template <typename T>
+void matmul(const T* x, int64_t xs, int64_t rows, const T* w, int64_t ws, int64_t n_in, int64_t n_out, T* y,
+            int64_t ys, bool accumulate) {
+  constexpr int64_t L = sizeof(typename Lanes<T>::type) / sizeof(T);
+  int64_t c = 0;
+  for (; c + 4 * L <= n_out; c += 4 * L) column_block_times<T, 4>(x, xs, rows, w + c, ws, n_in, y + c, ys, accumulate);
+  for (; c + L <= n_out; c += L) column_block_times<T, 1>(x, xs, rows, w + c, ws, n_in, y + c, ys, accumulate);
+  for (; c < n_out; ++c)
+    for (int64_t r = 0; r < rows; ++r) {
+      T sum = accumulate ? y[r * ys + c] : T(0);
+      for (int64_t a = 0; a < n_in; ++a) sum += x[r * xs + a] * w[a * ws + c];
+      y[r * ys + c] = sum;
+    }
 }
 
 template <typename T>
@@ -70,7 +121,7 @@ void scan_forward(const Sizes& n, const T* w0, const T* g0, const T* xk1, const 
   // kDim > 0: the head size known at compile time (constant trip counts for the vectorised inner loops)
   const int64_t M = n.mini_batch, d = kDim > 0 ? kDim : n.dim, D1 = d + 1, R = n.rows, wsize = D1 * d;
   at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> g_hat(d), summed(wsize);
+    std::vector<T> g_hat(d), summed(wsize), neg_d(M * M), coef(D1 * M), scaled_q(M * D1);
     for (int64_t r = begin; r < end; ++r) {
       const T* w2 = ln_w_sq + r * d;
       std::memcpy(weights + r * wsize, w0 + r * wsize, sizeof(T) * wsize);
@@ -94,9 +145,9 @@ void scan_forward(const Sizes& n, const T* w0, const T* g0, const T* xk1, const 
         T* rs = rstd + kr * M;
         T* out = z_bar + kr * M * d;
         // Z = X W, its LayerNorm statistics, and g = ∇_Z ℓ = P(c + w² ẑ)
+        matmul(X, D1, M, W, d, D1, d, zh, d, false);
         for (int64_t i = 0; i < M; ++i) {
           T* z = zh + i * d;
-          row_times(X + i * D1, W, D1, d, z, false);
           double sum = 0.0;
           for (int64_t j = 0; j < d; ++j) sum += z[j];
           const double mean = sum / d;
@@ -111,42 +162,27 @@ void scan_forward(const Sizes& n, const T* w0, const T* g0, const T* xk1, const 
           layer_norm_backward(g_hat.data(), z, inv_std, d, g + i * d);
         }
         // Z̄ = Q W − D g  [− (s ∘ Q_0) G_0]
-        for (int64_t i = 0; i < M; ++i) {
-          T* o = out + i * d;
-          row_times(Q + i * D1, W, D1, d, o, false);
-          for (int64_t t = 0; t < M; ++t) {
-            const T coef = D[i * M + t];
-            if (coef == T(0)) continue;
-            const T* g_t = g + t * d;
-            for (int64_t j = 0; j < d; ++j) o[j] -= coef * g_t[j];
-          }
-          if (k == 0 && read_pending) {
-            std::vector<T> qg(d);
-            row_times(Q + i * D1, g_pending, D1, d, qg.data(), false);
-            for (int64_t j = 0; j < d; ++j) o[j] -= pending_scale[i] * qg[j];
-          }
+        matmul(Q, D1, M, W, d, D1, d, out, d, false);
+        for (int64_t e = 0; e < M * M; ++e) neg_d[e] = -D[e];
+        matmul(neg_d.data(), M, M, g, d, M, d, out, d, true);
+        if (k == 0 && read_pending) {
+          for (int64_t i = 0; i < M; ++i)
+            for (int64_t a = 0; a < D1; ++a) scaled_q[i * D1 + a] = -pending_scale[i] * Q[i * D1 + a];
+          matmul(scaled_q.data(), D1, M, g_pending, d, D1, d, out, d, true);
         }
         // W_{k+1} = W_k − s c S_k, G_{k+1} = (1 − c) S_k with S_k = G_k + Σ_i lr_i X_iᵀ g_i
         const bool complete = completes == nullptr || completes[kr] != T(0);
+        // coef = A_k = (lr ∘ X_k)ᵀ, [D1, M], times −s_last when W takes the step directly
+        const T scale = pending == nullptr ? -s_last : T(1);
+        for (int64_t a = 0; a < D1; ++a)
+          for (int64_t i = 0; i < M; ++i) coef[a * M + i] = scale * L[i] * X[i * D1 + a];
         if (pending == nullptr) {
           std::memcpy(W_next, W, sizeof(T) * wsize);
-          for (int64_t i = 0; i < M; ++i)
-            for (int64_t a = 0; a < D1; ++a) {
-              const T coef = -s_last * L[i] * X[i * D1 + a];
-              const T* g_i = g + i * d;
-              T* w_a = W_next + a * d;
-              for (int64_t j = 0; j < d; ++j) w_a[j] += coef * g_i[j];
-            }
+          matmul(coef.data(), M, D1, g, d, M, d, W_next, d, true);
           continue;
         }
         std::memcpy(summed.data(), g_pending, sizeof(T) * wsize);
-        for (int64_t i = 0; i < M; ++i)
-          for (int64_t a = 0; a < D1; ++a) {
-            const T coef = L[i] * X[i * D1 + a];
-            const T* g_i = g + i * d;
-            T* s_a = summed.data() + a * d;
-            for (int64_t j = 0; j < d; ++j) s_a[j] += coef * g_i[j];
-          }
+        matmul(coef.data(), M, D1, g, d, M, d, summed.data(), d, true);
         T* g_next = pending + ((k + 1) * R + r) * wsize;
         if (complete) {
           for (int64_t e = 0; e < wsize; ++e) W_next[e] = W[e] - s_last * summed[e];
@@ -171,8 +207,11 @@ void scan_backward(const Sizes& n, const T* grad_z_bar, const T* grad_w_final, c
   // kDim > 0: the head size known at compile time (constant trip counts for the vectorised inner loops)
   const int64_t M = n.mini_batch, d = kDim > 0 ? kDim : n.dim, D1 = d + 1, R = n.rows, wsize = D1 * d;
   at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> adj_w(wsize), adj_g(wsize), adj_s(wsize), w_t(wsize), adj_s_t(wsize);
-    std::vector<T> y(M * d), v(M * d), adj_z(M * d), u(d), w2u(d), hv(d);
+    std::vector<T> adj_w(wsize), adj_g(wsize), adj_s(wsize);
+    std::vector<T> y(M * d), v(M * d), w2u(d), hv(d), neg_dt(M * M);
+    std::vector<T> lhs(M * 2 * d), rhs(2 * d * D1);  // [Z̃ | lr∘g] and [Wᵀ; S̃ᵀ] for X̃ in one product
+    std::vector<T> lhs_w(D1 * 2 * M), rhs_w(2 * M * d);  // [Qᵀ | Xᵀ] and [Z̄̃; Z̃] for W̃ in one product
+    T* adj_z = rhs_w.data() + M * d;  // Z̃_k, written where the W̃ product reads it
     for (int64_t r = begin; r < end; ++r) {
       const T* w2 = ln_w_sq + r * d;
       T* acc_w2 = grad_ln_w_sq + r * d;
@@ -196,9 +235,9 @@ void scan_backward(const Sizes& n, const T* grad_z_bar, const T* grad_w_final, c
         const bool complete = completes == nullptr || completes[kr] != T(0);
         // S̃_k = −s W̃_{k+1} (complete) or G̃_{k+1}; Y = X S̃_k; lr̃_i = ⟨g_i, Y_i⟩; ∂/∂s_last = −⟨W̃_{k+1}, S_k⟩
         if (complete) {
+          matmul(X, D1, M, adj_w.data(), d, D1, d, y.data(), d, false);  // X W̃
           for (int64_t i = 0; i < M; ++i) {
             T* y_i = y.data() + i * d;
-            row_times(X + i * D1, adj_w.data(), D1, d, y_i, false);  // X W̃
             adj_last -= static_cast<double>(L[i]) * dot(g + i * d, y_i, d);
             for (int64_t j = 0; j < d; ++j) y_i[j] *= -s_last;
           }
@@ -206,22 +245,16 @@ void scan_backward(const Sizes& n, const T* grad_z_bar, const T* grad_w_final, c
           for (int64_t e = 0; e < wsize; ++e) adj_s[e] = -s_last * adj_w[e];
         } else {
           std::memcpy(adj_s.data(), adj_g.data(), sizeof(T) * wsize);
-          for (int64_t i = 0; i < M; ++i) row_times(X + i * D1, adj_s.data(), D1, d, y.data() + i * d, false);
+          matmul(X, D1, M, adj_s.data(), d, D1, d, y.data(), d, false);
         }
         if (pending != nullptr) std::memcpy(adj_g.data(), adj_s.data(), sizeof(T) * wsize);  // G̃_k = S̃_k
         for (int64_t i = 0; i < M; ++i) grad_lr[kr * M + i] = dot(g + i * d, y.data() + i * d, d);
         // g̃ = v = lr ∘ (X S̃) − Dᵀ Z̄̃
-        for (int64_t i = 0; i < M; ++i) {
-          T* v_i = v.data() + i * d;
-          const T* y_i = y.data() + i * d;
-          for (int64_t j = 0; j < d; ++j) v_i[j] = L[i] * y_i[j];
-          for (int64_t t = 0; t < M; ++t) {
-            const T coef = D[t * M + i];
-            if (coef == T(0)) continue;
-            const T* o_t = adj_out + t * d;
-            for (int64_t j = 0; j < d; ++j) v_i[j] -= coef * o_t[j];
-          }
-        }
+        for (int64_t i = 0; i < M; ++i)
+          for (int64_t j = 0; j < d; ++j) v[i * d + j] = L[i] * y[i * d + j];
+        for (int64_t i = 0; i < M; ++i)
+          for (int64_t t = 0; t < M; ++t) neg_dt[i * M + t] = -D[t * M + i];
+        matmul(neg_dt.data(), M, M, adj_out, d, M, d, v.data(), d, true);
         // Z̃ = H g̃ (linear_scan.py), c̃ = u, w̃² += u ∘ ẑ
         for (int64_t i = 0; i < M; ++i) {
           const T* v_i = v.data() + i * d;
@@ -236,36 +269,32 @@ void scan_backward(const Sizes& n, const T* grad_z_bar, const T* grad_w_final, c
           for (int64_t j = 0; j < d; ++j) w2u[j] = w2[j] * u_i[j];
           layer_norm_backward(w2u.data(), zh_i, rs[i], d, hv.data());
           const T scale = rs[i] / d;
-          T* adj_z_i = adj_z.data() + i * d;
+          T* adj_z_i = adj_z + i * d;
           for (int64_t j = 0; j < d; ++j) {
             adj_z_i[j] = hv[j] - scale * (zh_i[j] * gv + g_i[j] * zv + u_i[j] * q);
             acc_w2[j] += u_i[j] * zh_i[j];
           }
         }
-        // X̃ = Z̃ Wᵀ + lr ∘ (g S̃ᵀ), Q̃ = Z̄̃ Wᵀ, D̃ = −Z̄̃ gᵀ
-        transpose(W, D1, d, w_t.data());
-        transpose(adj_s.data(), D1, d, adj_s_t.data());
-        for (int64_t i = 0; i < M; ++i) {
-          T* gx = grad_xk1 + (kr * M + i) * D1;
-          row_times(adj_z.data() + i * d, w_t.data(), d, D1, gx, false);
-          const T* g_i = g + i * d;
-          for (int64_t j = 0; j < d; ++j) {
-            const T coef = L[i] * g_i[j];
-            const T* s_j = adj_s_t.data() + j * D1;
-            for (int64_t a = 0; a < D1; ++a) gx[a] += coef * s_j[a];
-          }
-          row_times(adj_out + i * d, w_t.data(), d, D1, grad_xq1 + (kr * M + i) * D1, false);
-          for (int64_t t = 0; t < M; ++t) grad_dual[(kr * M + i) * M + t] = -dot(adj_out + i * d, g + t * d, d);
-        }
-        // W̃_k = W̃_{k+1} + Qᵀ Z̄̃ + Xᵀ Z̃
+        // X̃ = [Z̃ | lr∘g] [Wᵀ; S̃ᵀ], Q̃ = Z̄̃ Wᵀ, D̃ = −Z̄̃ gᵀ
+        transpose(W, D1, d, rhs.data());
+        transpose(adj_s.data(), D1, d, rhs.data() + d * D1);
         for (int64_t i = 0; i < M; ++i)
-          for (int64_t a = 0; a < D1; ++a) {
-            const T q_a = Q[i * D1 + a], x_a = X[i * D1 + a];
-            const T* o_i = adj_out + i * d;
-            const T* z_i = adj_z.data() + i * d;
-            T* w_a = adj_w.data() + a * d;
-            for (int64_t j = 0; j < d; ++j) w_a[j] += q_a * o_i[j] + x_a * z_i[j];
+          for (int64_t j = 0; j < d; ++j) {
+            lhs[i * 2 * d + j] = adj_z[i * d + j];
+            lhs[i * 2 * d + d + j] = L[i] * g[i * d + j];
           }
+        matmul(lhs.data(), 2 * d, M, rhs.data(), D1, 2 * d, D1, grad_xk1 + kr * M * D1, D1, false);
+        matmul(adj_out, d, M, rhs.data(), D1, d, D1, grad_xq1 + kr * M * D1, D1, false);
+        for (int64_t i = 0; i < M; ++i)
+          for (int64_t t = 0; t < M; ++t) grad_dual[(kr * M + i) * M + t] = -dot(adj_out + i * d, g + t * d, d);
+        // W̃_k = W̃_{k+1} + [Qᵀ | Xᵀ] [Z̄̃; Z̃]
+        for (int64_t a = 0; a < D1; ++a)
+          for (int64_t i = 0; i < M; ++i) {
+            lhs_w[a * 2 * M + i] = Q[i * D1 + a];
+            lhs_w[a * 2 * M + M + i] = X[i * D1 + a];
+          }
+        std::memcpy(rhs_w.data(), adj_out, sizeof(T) * M * d);
+        matmul(lhs_w.data(), 2 * M, D1, rhs_w.data(), d, 2 * M, d, adj_w.data(), d, true);
       }
       // Z̄_0 −= (s ∘ Q_0) G_0
       if (read_pending) {
