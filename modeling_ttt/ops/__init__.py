@@ -1,9 +1,11 @@
 """Inner-loop math of TTT layers as pure functions over tensors, and the choice of backend — the PyTorch ops, the
-fused Triton kernels or the C++ CPU kernels (decoding, TTT-Linear's training scan) — made once per forward (`get_backend`).
+fused Triton kernels or the C++ CPU kernels (decoding, TTT-Linear's training scan) — made once per forward
+(`get_backend`).
 
 Rooms: `naive.py` the spec (primal and dual forms, plain loops; every backend is held to it), `state.py` the inner
 state and the precision rule, `frame.py` the padding layout the chunk backends share, `torch_chunk.py` the PyTorch
-backend (`linear_scan.py`: its TTT-Linear training scan as one autograd function), `triton/` the fused GPU kernels, `cpu/` the C++ decoding kernels (and the one-call model step)."""
+backend (with `linear_scan.py`, its TTT-Linear training scan as one autograd function), `triton/` the fused GPU
+kernels, `cpu/` the C++ kernels (decoding, the one-call model step, the training scan)."""
 
 from __future__ import annotations
 

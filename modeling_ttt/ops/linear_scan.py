@@ -1,11 +1,12 @@
-"""TTT-Linear's mini-batch scan under autograd as one `torch.autograd.Function` with a hand-written backward (the
-training path of `torch_chunk.py`; the spec is `naive.py`, tests/test_ops_linear_scan.py holds it, and its C++ kernels, to the spec).
+"""TTT-Linear's mini-batch scan under autograd as one `torch.autograd.Function` with a hand-written backward: the
+training path of `torch_chunk.py` (the spec is `naive.py`; tests/test_ops_linear_scan.py holds this file and its C++
+kernels to it).
 
 Why: the scan is sequential in the inner weights, and autograd records every small product and LayerNorm of every
 mini-batch as its own node; at training sizes (`[B·H, 16, 65]` products) that bookkeeping and the per-node
-kernels, not the arithmetic, are most of its time. Here only what truly depends on the previous mini-batch stays in
-the loop; the rest is a few batched products over all mini-batches, before the loop in forward and after it in
-backward.
+kernels, not the arithmetic, are most of its time. Here the backward is written out: its PyTorch loops run ~20
+kernels per mini-batch on `[B·H, ...]` slices without autograd's bookkeeping, and the C++ kernels
+(`ops/cpu/ttt_scan.cpp`, the `cpp` backend) run each row's whole recurrence in one call.
 
 Notation (per row `B·H`, packed `[W; b]` with a constant-1 input feature, see `torch_chunk._pack`): mini-batch `k`
 has training inputs `X_k = [x_k, 1]` (`M×(d+1)`), test inputs `Q_k = [x_q, 1]`, the dual matrix

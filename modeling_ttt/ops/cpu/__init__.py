@@ -17,8 +17,8 @@ the core's caches. `tests/test_ops_cpu.py` holds them
 to the reference and the module path.
 
 The kernels are compiled with `torch.utils.cpp_extension` at the first step that runs one (a one-token CPU step
-without autograd, or a TTT-Linear forward under autograd on the CPU; a C++ compiler and `ninja` are needed), once per machine and build key (`build_name`): torch
-caches the build under `~/.cache/torch_extensions` (or `TORCH_EXTENSIONS_DIR`). Concurrent processes wait for one
+without autograd, or a TTT-Linear forward under autograd on the CPU; a C++ compiler and `ninja` are needed), once
+per machine and build key (`build_name`): torch caches the build under `~/.cache/torch_extensions` (or `TORCH_EXTENSIONS_DIR`). Concurrent processes wait for one
 build; a build that cannot finish (killed part-way, no compiler, a compile error, another process building for
 longer than `BUILD_WAIT_SECONDS`) is reported in one line, and `ttt_impl="auto"` then decodes with the reference.
 """
