@@ -51,6 +51,9 @@ _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ttt_decode.c
 _SCAN_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ttt_scan.cpp")
 
 
+_HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lanes.h")  # included by both sources
+
+
 def _sources() -> tuple[str, str]:
     return _SOURCE, _SCAN_SOURCE
 #: The per-block parameters of `ttt_linear_decode_blocks`, in the order of `BlockParam` in ttt_decode.cpp (the
@@ -93,7 +96,7 @@ def build_name() -> str:
     except OSError:
         cpu_flags = ""
     digest = hashlib.sha1()
-    for path in _sources():
+    for path in (*_sources(), _HEADER):
         with open(path, "rb") as source:
             digest.update(source.read())
     source_hash = digest.hexdigest()

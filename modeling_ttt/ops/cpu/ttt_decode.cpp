@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "lanes.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -442,16 +444,7 @@ std::vector<at::Tensor> layer_step(
 constexpr int64_t kMaxGemvRows = 8;
 constexpr int64_t kGemvChunkBytes = 32768;  // weights per chunk (the smallest run a thread takes)
 
-template <typename T>
-struct Lanes;  // one 64-byte SIMD vector (GCC/clang vector extension; AVX-512 with -march=native, else split)
-template <>
-struct Lanes<float> {
-  typedef float type __attribute__((vector_size(64)));
-};
-template <>
-struct Lanes<double> {
-  typedef double type __attribute__((vector_size(64)));
-};
+using ttt_cpu::Lanes;  // one 64-byte SIMD vector (lanes.h)
 
 // One product: out[b, n] = x[b] . weight[n] (+ bias[n]) (+ residual[b, n]); weight [features, in] row-major, out and
 // residual [B, features].

@@ -13,22 +13,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "lanes.h"
+
 #include <cmath>
 #include <cstring>
 #include <vector>
 
 namespace {
 
-template <typename T>
-struct Lanes;  // one 64-byte SIMD vector (GCC/clang vector extension; AVX-512 with -march=native, else split)
-template <>
-struct Lanes<float> {
-  typedef float type __attribute__((vector_size(64)));
-};
-template <>
-struct Lanes<double> {
-  typedef double type __attribute__((vector_size(64)));
-};
+using ttt_cpu::Lanes;  // one 64-byte SIMD vector (lanes.h)
 
 // A tile of kRows output rows × kVecs vectors: accumulators in registers, each row of w read once for kRows rows.
 template <typename T, int64_t kVecs, int64_t kRows>
