@@ -13,14 +13,15 @@
 Why: decoding a small model on a CPU is bound by memory and by the number of PyTorch kernel launches (~50 per layer
 and token), not by arithmetic; each kernel does the same arithmetic in one call. The training scan likewise is ~20
 small products and LayerNorm passes per mini-batch in PyTorch; the kernel keeps each row's weights and adjoints in
-the core's caches. `tests/test_ops_cpu.py` holds them
-to the reference and the module path.
+the core's caches. `tests/test_ops_cpu.py` and `tests/test_ops_linear_scan.py` hold them to the reference, the spec
+and the module path.
 
 The kernels are compiled with `torch.utils.cpp_extension` at the first step that runs one (a one-token CPU step
 without autograd, or a TTT-Linear forward under autograd on the CPU; a C++ compiler and `ninja` are needed), once
-per machine and build key (`build_name`): torch caches the build under `~/.cache/torch_extensions` (or `TORCH_EXTENSIONS_DIR`). Concurrent processes wait for one
-build; a build that cannot finish (killed part-way, no compiler, a compile error, another process building for
-longer than `BUILD_WAIT_SECONDS`) is reported in one line, and `ttt_impl="auto"` then decodes with the reference.
+per machine and build key (`build_name`): torch caches the build under `~/.cache/torch_extensions` (or
+`TORCH_EXTENSIONS_DIR`). Concurrent processes wait for one build; a build that cannot finish (killed part-way, no
+compiler, a compile error, another process building for longer than `BUILD_WAIT_SECONDS`) is reported in one line,
+and `ttt_impl="auto"` then decodes and trains with the reference.
 """
 
 from __future__ import annotations
@@ -49,13 +50,14 @@ except ImportError:  # not POSIX: builds are not serialised between processes
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ttt_decode.cpp")
 _SCAN_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ttt_scan.cpp")
-
-
 _HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lanes.h")  # included by both sources
 
 
 def _sources() -> tuple[str, str]:
+    """The compiled sources (read at call time: tests swap `_SOURCE`)."""
     return _SOURCE, _SCAN_SOURCE
+
+
 #: The per-block parameters of `ttt_linear_decode_blocks`, in the order of `BlockParam` in ttt_decode.cpp (the
 #: loaded kernels are checked against this; `plan.block_arguments` gathers them).
 BLOCK_PARAMETERS = (
